@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cifar_fixture import patch_torchvision_md5, write_fake_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory):
+    """A --data_path holding tiny CIFAR10 and CIFAR100 in their real format."""
+    root = tmp_path_factory.mktemp("data")
+    write_fake_cifar(str(root))
+    return root
+
+
+@pytest.fixture
+def cifar_in_process(cifar_root, monkeypatch):
+    """cifar_root, with torchvision told the fake files' md5 sums in this process."""
+    import json
+
+    patch_torchvision_md5(monkeypatch, json.loads((cifar_root / "md5.json").read_text()))
+    return cifar_root
+
+
+@pytest.fixture
+def run_train(cifar_root):
+    """Run `python train.py ARGS` in a subprocess that sees the fake data
+    sets and cannot reach the network; returns the CompletedProcess."""
+
+    def run(*args, timeout=600):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(cifar_root / "site"), env.get("PYTHONPATH", "")])
+        env["FAKE_CIFAR_MD5"] = str(cifar_root / "md5.json")
+        # A download attempt fails at once instead of leaving the machine.
+        env["http_proxy"] = env["https_proxy"] = "http://127.0.0.1:9"
+        env.pop("no_proxy", None)
+        env.pop("NO_PROXY", None)
+        return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

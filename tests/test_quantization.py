@@ -1,0 +1,147 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import quantization
+from grid import on_block_grid
+from quantization import BlockFormat, Quantizer, TensorQuantizer
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return quantization.load_block_kernel()
+
+
+def quantizers(kernel, rounding="stochastic", **word_lengths):
+    lengths = dict.fromkeys(quantization.NUMBER_KINDS, -1)
+    lengths.update(word_lengths)
+    return quantization.build_quantizers(lengths, rounding, kernel=kernel)
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def take_steps(net, optimizer, steps=3):
+    torch.manual_seed(0)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(torch.randn(6, 3, 8, 8)), torch.randint(0, 5, (6,))).backward()
+        optimizer.step()
+
+
+def test_optimizer_step_puts_weights_gradients_and_momentum_on_their_grids(kernel):
+    net = SmallNet()
+    q = quantizers(kernel, weight=8, grad=6, momentum=5)
+    optimizer = quantization.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    take_steps(net, optimizer)
+    for param in net.parameters():
+        assert on_block_grid(param.data, 8)
+        assert on_block_grid(param.grad, 6)
+        assert on_block_grid(optimizer.optim.state[param]["momentum_buffer"], 5)
+        # 5 bits is coarser than 8: the buffers are not merely on the weight grid by accident.
+        assert not on_block_grid(param.data, 5) or param.numel() < 8
+
+
+def test_accumulator_is_kept_on_its_own_grid(kernel):
+    net = SmallNet()
+    q = quantizers(kernel, weight=4, acc=12)
+    optimizer = quantization.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=0.0)
+    take_steps(net, optimizer)
+    for param in net.parameters():
+        accumulator = optimizer.weight_acc[param]
+        assert on_block_grid(accumulator, 12) and on_block_grid(param.data, 4)
+        assert not torch.equal(accumulator, param.data)
+
+
+def test_full_precision_optimizer_equals_plain_sgd():
+    torch.manual_seed(1)
+    net, reference = SmallNet(), SmallNet()
+    reference.load_state_dict(net.state_dict())
+    optimizer = quantization.make_optimizer(net, dict.fromkeys(quantization.NUMBER_KINDS), 0.1, 0.9, 1e-4)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    take_steps(net, optimizer)
+    take_steps(reference, sgd)
+    for ours, theirs in zip(net.parameters(), reference.parameters()):
+        assert torch.equal(ours, theirs)
+
+
+def test_quantizer_rounds_activations_forward_and_errors_backward(kernel):
+    forward = TensorQuantizer(BlockFormat(8), "stochastic", kernel)
+    backward = TensorQuantizer(BlockFormat(4), "stochastic", kernel)
+    x = torch.randn(8, 3, 5, 5, requires_grad=True)
+    y = Quantizer(forward, backward)(x)
+    assert on_block_grid(y.detach(), 8) and not torch.equal(y.detach(), x.detach())
+    y.backward(torch.randn_like(y))
+    assert on_block_grid(x.grad, 4)
+    assert not on_block_grid(x.grad, 3)
+
+
+def test_error_only_quantizer_passes_activations_through(kernel):
+    backward = TensorQuantizer(BlockFormat(4), "nearest", kernel)
+    x = torch.randn(4, 10, requires_grad=True)
+    y = torch.relu_(Quantizer(None, backward)(x))  # in place after the quantizer is allowed
+    assert torch.equal(y.detach(), x.detach().clamp(min=0))
+    y.sum().backward()
+    assert on_block_grid(x.grad, 4)
+
+
+def test_nearest_rounding_is_round_half_up_on_the_block_grid(kernel):
+    torch.manual_seed(0)
+    x = torch.randn(16, 50) * torch.logspace(-3, 3, 16).unsqueeze(1)
+    quantized = BlockFormat(8).quantize(x, "nearest", kernel)
+    step = 2.0 ** (torch.floor(torch.log2(x.abs().amax(1, keepdim=True))) - 8 + 2)
+    expected = (torch.floor(x / step + 0.5) * step).clamp(-127 * step, 127 * step)
+    assert torch.equal(quantized, expected)
+
+
+def test_stochastic_rounding_is_unbiased_between_the_two_neighbours(kernel):
+    x = torch.full((1, 40000), 0.3)
+    x[0, 0] = 1.0  # block exponent 0, so the 8-bit step is 2^-6
+    step = 2.0 ** -6
+    quantized = BlockFormat(8).quantize(x, "stochastic", kernel)[0, 1:]
+    assert set((quantized / step).unique().tolist()) == {19.0, 20.0}
+    # 0.3 = 19.2 steps: rounds up with probability 0.2; 6 standard errors.
+    assert abs(quantized.mean().item() - 0.3) < 6 * step * 0.4 / (40000 ** 0.5)
+
+
+def test_default_layout_blocks_each_index_of_dim_zero(kernel):
+    x = torch.tensor([[1000.0, 3.0], [0.001, 0.0007]])
+    quantized = BlockFormat(8).quantize(x, "nearest", kernel)
+    assert quantized[1].abs().min() > 0  # the small row keeps its own exponent
+    bias = torch.tensor([1000.0, 0.001])
+    assert BlockFormat(8).quantize(bias, "nearest", kernel)[1] > 0  # 1-D: one block per element
+
+
+def test_small_block_shares_one_exponent_for_small_tensors(kernel):
+    bias = torch.tensor([1000.0, 0.001])
+    assert BlockFormat(8, small_block="FC").quantize(bias, "nearest", kernel)[1] == 0
+    matrix = torch.tensor([[1000.0, 3.0], [0.001, 0.0007]])
+    assert torch.equal(BlockFormat(8, small_block="FC").quantize(matrix, "nearest", kernel),
+                       BlockFormat(8).quantize(matrix, "nearest", kernel))
+    shared = BlockFormat(8, small_block="Conv").quantize(matrix, "nearest", kernel)
+    assert on_block_grid(shared, 8, rows=shared.reshape(1, -1))
+    assert shared[1].abs().max() == 0
+
+
+def test_block_dim_bc_gives_each_channel_of_each_sample_its_exponent(kernel):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6) * torch.tensor([1.0, 1e-3, 1e3]).view(1, 3, 1, 1)
+    per_channel = BlockFormat(8, block_dim="BC").quantize(x, "nearest", kernel)
+    assert on_block_grid(per_channel, 8, rows=per_channel.reshape(12, -1))
+    assert per_channel[:, 1].abs().min() > 0
+    per_sample = BlockFormat(8, block_dim="B").quantize(x, "nearest", kernel)
+    assert per_sample[:, 1].abs().max() == 0  # flushed by the 1e3 channel's exponent
+
+
+@pytest.mark.parametrize("bad", [dict(wl=1), dict(wl=33), dict(wl=8, small_block="All"),
+                                 dict(wl=8, block_dim="C")])
+def test_block_format_rejects_what_it_cannot_simulate(bad):
+    with pytest.raises(ValueError):
+        BlockFormat(**bad)
