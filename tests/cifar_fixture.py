@@ -59,7 +59,7 @@ def _write(path, payload):
         return hashlib.md5(handle.read()).hexdigest()
 
 
-def write_fake_cifar(root, train_per_file=8, test_size=20, seed=0):
+def write_fake_cifar(root, train_size=40, test_size=20, seed=0):
     """Write both data sets under `root` (the --data_path); return the md5
     sums by data set and file name (also saved as root/md5.json) and write
     root/site/sitecustomize.py."""
@@ -70,7 +70,8 @@ def write_fake_cifar(root, train_per_file=8, test_size=20, seed=0):
         os.makedirs(folder, exist_ok=True)
         classes = layout["classes"]
         sums[name] = {}
-        for split, count in (("train", train_per_file), ("test", test_size)):
+        for split, total in (("train", train_size), ("test", test_size)):
+            count = total // len(layout[split])
             for file_name in layout[split]:
                 labels = rng.integers(0, classes, size=count).tolist()
                 entry = {"batch_label": file_name, "data": _images(rng, labels, classes),
@@ -82,7 +83,7 @@ def write_fake_cifar(root, train_per_file=8, test_size=20, seed=0):
                     entry["coarse_labels"] = [label // 5 for label in labels]
                 sums[name][file_name] = _write(os.path.join(folder, file_name), entry)
         if name == "CIFAR10":
-            meta = {"label_names": [f"class{i}" for i in range(classes)], "num_cases_per_batch": train_per_file}
+            meta = {"label_names": [f"class{i}" for i in range(classes)], "num_cases_per_batch": train_size // 5}
         else:
             meta = {"fine_label_names": [f"fine{i}" for i in range(classes)],
                     "coarse_label_names": [f"coarse{i}" for i in range(20)]}

@@ -28,19 +28,26 @@ def cifar_in_process(cifar_root, monkeypatch):
 
 
 @pytest.fixture
-def run_train(cifar_root):
-    """Run `python train.py ARGS` in a subprocess that sees the fake data
-    sets and cannot reach the network; returns the CompletedProcess."""
+def fake_cifar_env(cifar_root):
+    """Environment for subprocesses that see the fake data sets and cannot
+    reach the network."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(cifar_root / "site"), env.get("PYTHONPATH", "")])
+    env["FAKE_CIFAR_MD5"] = str(cifar_root / "md5.json")
+    # A download attempt fails at once instead of leaving the machine.
+    env["http_proxy"] = env["https_proxy"] = "http://127.0.0.1:9"
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    return env
+
+
+@pytest.fixture
+def run_train(cifar_root, fake_cifar_env):
+    """Run `python train.py ARGS` in such a subprocess; returns the CompletedProcess."""
 
     def run(*args, timeout=600):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(cifar_root / "site"), env.get("PYTHONPATH", "")])
-        env["FAKE_CIFAR_MD5"] = str(cifar_root / "md5.json")
-        # A download attempt fails at once instead of leaving the machine.
-        env["http_proxy"] = env["https_proxy"] = "http://127.0.0.1:9"
-        env.pop("no_proxy", None)
-        env.pop("NO_PROXY", None)
         return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                              cwd=ROOT, env=fake_cifar_env, capture_output=True, text=True, timeout=timeout)
 
+    run.data_path = cifar_root
     return run

@@ -1,0 +1,167 @@
+"""End-to-end runs of train.py as a subprocess on tiny CIFAR-format data."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from grid import on_block_grid
+
+EIGHT_BIT = ["--wl-weight", 8, "--wl-grad", 8, "--wl-activate", 8, "--wl-error", 8, "--wl-momentum", 8]
+SMALL = ["--batch_size", 16, "--num_workers", 0]
+
+
+def table_rows(stdout):
+    return [line.split() for line in stdout.splitlines() if line.strip() and line.split()[0].isdigit()
+            and len(line.split()) >= 6]
+
+
+def scalar_tags(run_dir):
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def check_run(result, run_dir, epochs, swa_start, checkpoints):
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = "ep        lr    tr_loss    tr_acc    tr_time    te_loss    te_acc  swa_te_loss    swa_te"
+    assert any(line.strip() == header for line in lines)
+    rows = table_rows(result.stdout)
+    assert [int(row[0]) for row in rows] == list(range(1, epochs + 1))
+    assert all(len(row) == 7 for row in rows[:swa_start - 1])  # no SWA columns before averaging
+    assert all(len(row) == 9 for row in rows[swa_start - 1:])
+    assert lines[-2].startswith("SGD Error : ") and lines[-1].startswith("SWA Error : ")
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "finished"
+    assert [record["epoch"] for record in results["epochs"]] == list(range(1, epochs + 1))
+    assert results["swa_n"] == epochs - swa_start + 1
+    assert results["sgd_error"] == pytest.approx(100 - results["epochs"][swa_start - 1]["test_accuracy"])
+    assert results["swa_error"] == pytest.approx(100 - results["epochs"][-1]["swa_test_accuracy"])
+    assert lines[-1] == f"SWA Error : {results['swa_error']}"
+
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == sorted(
+        f"checkpoint-{epoch}.pt" for epoch in checkpoints)
+    assert scalar_tags(run_dir) >= {
+        "lr", "time/epoch", "swa/n_averaged", "train/loss", "train/acc_perc", "train/err_perc",
+        "test/loss", "test/acc_perc", "test/err_perc", "test_swa/loss", "test_swa/acc_perc", "test_swa/err_perc"}
+    return results
+
+
+def test_full_precision_vgg16_on_cifar100(run_train, tmp_path):
+    run_dir = tmp_path / "fp"
+    result = run_train("--dataset", "CIFAR100", "--data_path", run_train.data_path, "--model", "VGG16",
+                       "--epochs", 3, "--swa_start", 2, "--lr_init", 0.01, "--save_freq", 2,
+                       "--dir", run_dir, *SMALL)
+    results = check_run(result, run_dir, epochs=3, swa_start=2, checkpoints=[2, 3])
+    assert results["activation_quantizers"] == 0
+    assert "qtorch" not in result.stderr
+    assert [record["lr"] for record in results["epochs"]] == pytest.approx([0.01, 0.01, 0.01])
+
+    checkpoint = torch.load(run_dir / "checkpoint-3.pt", weights_only=True)
+    assert checkpoint["epoch"] == 3 and int(checkpoint["swa_state"]["n_averaged"]) == 2
+    assert set(checkpoint) >= {"model_state", "swa_state", "optimizer_state", "rng", "config", "history"}
+    assert checkpoint["optimizer_state"]["state"], "momentum buffers are saved"
+
+
+def test_eight_bit_vgg16bn_on_cifar10(run_train, tmp_path):
+    run_dir = tmp_path / "lp"
+    result = run_train("--dataset", "CIFAR10", "--data_path", run_train.data_path, "--model", "VGG16BN",
+                       "--epochs", 3, "--swa_start", 2, *EIGHT_BIT, "--dir", run_dir, *SMALL)
+    results = check_run(result, run_dir, epochs=3, swa_start=2, checkpoints=[2, 3])
+    assert results["activation_quantizers"] == 15
+    assert [record["lr"] for record in results["epochs"]] == pytest.approx([0.05, 0.05, 0.01])
+
+    checkpoint = torch.load(run_dir / "checkpoint-3.pt", weights_only=True)
+    model = checkpoint["model_state"]
+    for key in ("features.0.weight", "features.0.bias", "classifier.1.weight", "classifier.6.weight"):
+        assert on_block_grid(model[key], 8), key
+    for state in checkpoint["optimizer_state"]["state"].values():
+        assert on_block_grid(state["momentum_buffer"], 8)
+    # The SWA copy is a full-precision average whose BatchNorm statistics were recomputed.
+    swa_state = checkpoint["swa_state"]
+    assert not on_block_grid(swa_state["module.features.0.weight"], 8)
+    assert swa_state["module.features.1.running_mean"].abs().sum() > 0
+    assert int(swa_state["module.features.1.num_batches_tracked"]) == 3  # one pass of 3 batches
+    # The SGD model's statistics were recomputed before its evaluation, too.
+    assert int(model["features.1.num_batches_tracked"]) == 3
+
+
+def test_resumed_full_precision_run_matches_the_uninterrupted_one(run_train, tmp_path):
+    common = ["--dataset", "CIFAR10", "--data_path", run_train.data_path, "--model", "PreResNet20",
+              "--epochs", 4, "--swa_start", 2, "--swa_c_epochs", 2, "--save_freq", 1, *SMALL]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_train(*common, "--dir", whole).returncode == 0
+    result = run_train(*common, "--dir", resumed, "--resume", whole / "checkpoint-2.pt")
+    assert result.returncode == 0, result.stderr
+    assert "Resumed from" in result.stdout
+    assert [int(row[0]) for row in table_rows(result.stdout)] == [3, 4]
+
+    expected = torch.load(whole / "checkpoint-4.pt", weights_only=True)
+    actual = torch.load(resumed / "checkpoint-4.pt", weights_only=True)
+    for part in ("model_state", "swa_state"):
+        for key, value in expected[part].items():
+            assert torch.equal(actual[part][key], value), (part, key)
+    whole_results = json.loads((whole / "results.json").read_text())
+    resumed_results = json.loads((resumed / "results.json").read_text())
+    assert resumed_results["swa_n"] == whole_results["swa_n"] == 2  # epochs 2 and 4
+    for ours, theirs in zip(resumed_results["epochs"], whole_results["epochs"]):
+        for key in ("train_loss", "test_loss", "swa_test_loss", "lr", "swa_n", "collected"):
+            assert ours[key] == theirs[key], key
+
+
+def test_help_explains_every_flag(run_train):
+    result = run_train("--help")
+    assert result.returncode == 0
+    for flag in ("--dataset", "--data_path", "--batch_size", "--swa_start", "--swa_lr", "--model", "--epochs",
+                 "--lr_init", "--wd", "--seed", "--wl-weight", "--wl-activate", "--wl-grad", "--wl-error",
+                 "--wl-momentum", "--wl-acc", "--rounding", "--quant-type", "--small-block", "--block-dim",
+                 "--quant-placement", "--dir", "--num_workers", "--momentum", "--save_freq", "--eval_freq",
+                 "--swa_c_epochs", "--resume", "--device", "--overwrite"):
+        assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--wl-weight", 1], "--wl-weight: 1 is not a word length"),
+    (["--wl-acc", 40], "--wl-acc: 40 is not a word length"),
+    (["--lr_init", 0], "--lr_init: 0 must be positive"),
+    (["--model", "ResNet1000"], "invalid choice: 'ResNet1000'"),
+    (["--swa_start", 5], "--swa_start 5 is beyond --epochs 2"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+])
+def test_bad_flags_end_in_one_line_and_exit_code_2(run_train, tmp_path, flags, message):
+    args = {"--model": "VGG16", "--epochs": 2, "--swa_start": 1, "--dir": tmp_path / "run"}
+    args.update(dict(zip(flags[::2], flags[1::2])))
+    result = run_train("--data_path", run_train.data_path, *[x for pair in args.items() for x in pair])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_says_where_to_put_it(run_train, tmp_path):
+    result = run_train("--data_path", tmp_path / "empty", "--model", "VGG16", "--epochs", 1, "--swa_start", 1,
+                       "--dir", tmp_path / "run", *SMALL)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "could not be downloaded" in last and "cifar-10-batches-py" in last
+    assert str(tmp_path / "empty" / "cifar10") in last
+    assert "Traceback" not in result.stderr
+
+
+def test_a_finished_run_is_never_overwritten_silently(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text('{"status": "finished"}')
+    result = run_train("--data_path", run_train.data_path, "--model", "VGG16", "--epochs", 1, "--swa_start", 1,
+                       "--dir", run_dir, *SMALL)
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (run_dir / "results.json").read_text() == '{"status": "finished"}'
+
+
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(run_train, tmp_path):
+    result = run_train("--data_path", run_train.data_path, "--model", "VGG16", "--epochs", 1, "--swa_start", 1,
+                       "--dir", tmp_path / "run", "--resume", tmp_path / "nope.pt", *SMALL)
+    assert result.returncode == 2 and "nope.pt does not exist" in result.stderr

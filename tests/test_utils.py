@@ -1,0 +1,83 @@
+import io
+import sys
+
+import pytest
+import torch
+
+import utils
+
+
+def test_fake_cifar_loads_through_torchvision(cifar_in_process):
+    for name, classes in (("CIFAR10", 10), ("CIFAR100", 100)):
+        train_set, test_set = utils.load_cifar(name, str(cifar_in_process))
+        assert (len(train_set), len(test_set)) == (40, 20)
+        assert len(train_set.classes) == classes
+        image, label = train_set[0]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < classes
+
+
+def test_test_images_are_only_normalised(cifar_in_process):
+    _, test_set = utils.load_cifar("CIFAR10", str(cifar_in_process))
+    raw = torch.from_numpy(test_set.data[0]).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(utils.CIFAR_MEAN).view(3, 1, 1), torch.tensor(utils.CIFAR_STD).view(3, 1, 1)
+    torch.testing.assert_close(test_set[0][0], (raw - mean) / std)
+
+
+def test_corrupt_data_file_is_a_user_error(cifar_in_process, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cifar_in_process / "cifar10", copy / "cifar10")
+    with open(copy / "cifar10" / "cifar-10-batches-py" / "data_batch_3", "ab") as handle:
+        handle.write(b"garbage")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    with pytest.raises(utils.UserError, match="missing or corrupt and could not be downloaded"):
+        utils.load_cifar("CIFAR10", str(copy))
+
+
+def test_train_order_depends_only_on_seed_and_epoch(cifar_in_process):
+    train_set, test_set = utils.load_cifar("CIFAR10", str(cifar_in_process))
+
+    def order(seed, epoch):
+        loader, _ = utils.make_loaders(train_set, test_set, 8, 0, seed, pin_memory=False)
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler)
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+    assert sorted(order(1, 3)) == list(range(40))
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    class Terminal(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    for tty in (True, False):
+        stream = Terminal(tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(utils._progress(range(3), "epoch 1/9")) == [0, 1, 2]
+        assert ("epoch 1/9" in stream.getvalue()) == tty
+
+
+def test_table_reprints_its_header_every_40_epochs():
+    values = [1, 0.05, 2.3, 10.0, 1.0, 2.2, 12.0, None, None]
+    assert utils.table_row(values, 0).splitlines()[1].split() == utils.TABLE_COLUMNS
+    assert len(utils.table_row(values, 1).splitlines()) == 1
+    assert len(utils.table_row(values, 40).splitlines()) == 4
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = utils.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    path = utils.save_checkpoint(str(tmp_path), 1, rng=state)
+    utils.set_rng_state(torch.load(path, weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
