@@ -1,94 +1,238 @@
 """Low precision as a wrapper around full-precision networks.
 
-Number formats are small value objects; `TensorQuantizer` turns a format and a
-rounding mode into a tensor -> tensor function; `Quantizer` is the autograd
-module (forward format for activations, backward format for errors) that
-`insert_quantizers` hangs after the layers a model names; `make_optimizer`
-wraps SGD in qtorch's `OptimLP` with the weight, gradient, momentum and
-accumulator quantizers.
+Number formats are small value objects (`BlockFormat`, `FixedFormat`,
+`FloatFormat`, qtorch's formats plus the original SWALP's small-block and
+block-dim layouts); a `Backend` holds the rounding kernels, ours
+(`torch_quant`, seedable, no compiler) or qtorch's; `TensorQuantizer` turns a
+format, a rounding mode and a backend into a tensor -> tensor function;
+`Quantizer` is the autograd module (forward format for activations, backward
+format for errors) that `insert_quantizers` hangs after the layers a model
+names; `make_optimizer` wraps SGD in qtorch's `OptimLP` with the weight,
+gradient, momentum and accumulator quantizers, their noise reseeded at every
+step so that data-parallel replicas round identically.
 
-qtorch's own `Quantizer` cannot express the original's small-block and
-block-dim layouts, and qtorch maps a word length of -1 to garbage instead of
-full precision, so the module here is our own; the rounding itself is qtorch's
-kernel.
+qtorch's own `Quantizer` cannot express the small-block and block-dim layouts
+or take a generator, and qtorch maps a word length of -1 to garbage instead
+of full precision, so the module here is our own.
 """
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
+from qtorch.optim import OptimLP
+
+import torch_quant
 
 ROUNDINGS = ("stochastic", "nearest")
 # Tensors with at most this many dimensions share one exponent ("small block").
 SMALL_BLOCK_MAX_DIMS = {"None": 0, "FC": 1, "Conv": 2}
 BLOCK_DIMS = ("B", "BC")
-# Word lengths outside this range are not block floating point numbers qtorch can
-# simulate in float32 (1 bit leaves only the sign); -1 means full precision.
-MIN_WL, MAX_WL = 2, 32
+# Block floating point is simulated in float32 at the exponent of the block's
+# largest value plus 2, which leaves 22 bits below the sign; 1 bit would leave
+# only the sign. -1 on the command line means full precision.
+MIN_WL, MAX_WL = 2, 22
 NUMBER_KINDS = ("weight", "activate", "grad", "error", "momentum", "acc")
+BACKENDS = ("auto", "torch", "qtorch")
 
 
-def load_block_kernel():
-    """qtorch's block rounding kernel, compiled on first import.
+class Backend(NamedTuple):
+    """Rounding kernels with torch_quant's signatures; `seedable` says whether
+    their stochastic rounding follows torch's generators."""
 
-    Imported here, not at module import, so full-precision runs never need a
-    compiler.
+    name: str
+    block: Callable
+    fixed: Callable
+    float: Callable
+    seedable: bool
+
+
+TORCH_BACKEND = Backend("torch", torch_quant.block_quantize, torch_quant.fixed_point_quantize,
+                        torch_quant.float_quantize, seedable=True)
+
+
+class BackendUnavailable(RuntimeError):
+    """qtorch's kernels could not be compiled or loaded."""
+
+
+def load_qtorch_backend():
+    """qtorch's C++/CUDA kernels, compiled on first import (about 30 s).
+
+    Imported only when chosen. qtorch's block and float kernels draw their
+    noise from a generator seeded by the operating system, so the generator
+    argument is ignored.
     """
-    from qtorch.quant import block_quantize
+    try:
+        from qtorch.quant import block_quantize, fixed_point_quantize, float_quantize
+    except Exception as error:  # a failed build raises anything from ImportError to CalledProcessError
+        message = str(error).strip().splitlines()
+        raise BackendUnavailable(message[0] if message else type(error).__name__) from None
 
-    return block_quantize
+    def block(x, wl, dim=-1, rounding="stochastic", generator=None):
+        return block_quantize(x, wl, dim, rounding)
+
+    def fixed(x, wl, fl, clamp=True, symmetric=False, rounding="stochastic", generator=None):
+        return fixed_point_quantize(x, wl, fl, clamp, symmetric, rounding)
+
+    def floating(x, exp, man, rounding="stochastic", generator=None):
+        return float_quantize(x, exp, man, rounding)
+
+    return Backend("qtorch", block, fixed, floating, seedable=False)
+
+
+def select_backend(name, device):
+    """The backend for `--quant-backend name` on `device`, and a note to print
+    (or None). auto: qtorch's CUDA kernels on a CUDA device when they build,
+    ours otherwise."""
+    if name == "torch":
+        return TORCH_BACKEND, None
+    if name == "qtorch":
+        return load_qtorch_backend(), None
+    if name != "auto":
+        raise ValueError(f"unknown backend {name!r}")
+    if device.type != "cuda":
+        return TORCH_BACKEND, None
+    try:
+        return load_qtorch_backend(), None
+    except BackendUnavailable as error:
+        return TORCH_BACKEND, f"qtorch's CUDA kernels did not build ({error}); using the torch backend"
 
 
 @dataclass(frozen=True)
 class BlockFormat:
     """Block floating point with `wl` bits per number, sign included.
 
-    By default every tensor is blocked along its first dimension (qtorch's
-    `BlockFloatingPoint(wl, dim=0)`: per sample for activations, per output
-    channel for weights, per element for 1-D tensors). `small_block` FC or Conv
-    gives tensors of at most 1 or 2 dimensions one shared exponent;
-    `block_dim` BC blocks along the first two dimensions instead of the first.
+    Blocks run along `dim` (qtorch's `BlockFloatingPoint(wl, dim)`; -1: the
+    whole tensor is one block). The default dim 0 gives one exponent per
+    sample of an activation and per output channel of a weight, and one per
+    element of a 1-D tensor. The original SWALP's layouts: `small_block` FC or
+    Conv gives tensors of at most 1 or 2 dimensions one shared exponent;
+    `block_dim` BC blocks along the first two dimensions.
     """
 
     wl: int
+    dim: int = 0
     small_block: str = "None"
     block_dim: str = "B"
 
     def __post_init__(self):
         if not MIN_WL <= self.wl <= MAX_WL:
-            raise ValueError(f"word length must be in [{MIN_WL}, {MAX_WL}], got {self.wl}")
+            raise ValueError(f"block word length must be in [{MIN_WL}, {MAX_WL}], got {self.wl}")
         if self.small_block not in SMALL_BLOCK_MAX_DIMS:
             raise ValueError(f"small_block must be one of {list(SMALL_BLOCK_MAX_DIMS)}")
         if self.block_dim not in BLOCK_DIMS:
             raise ValueError(f"block_dim must be one of {list(BLOCK_DIMS)}")
+        if self.block_dim == "BC" and self.dim != 0:
+            raise ValueError("block_dim BC blocks along dimensions 0 and 1; it needs dim 0")
 
     def __str__(self):
-        return f"BlockFloatingPoint(wl={self.wl}, small_block={self.small_block}, block_dim={self.block_dim})"
+        return (f"BlockFloatingPoint(wl={self.wl}, dim={self.dim}, small_block={self.small_block}, "
+                f"block_dim={self.block_dim})")
 
-    def quantize(self, x, rounding, kernel):
+    def quantize(self, x, rounding, backend, generator=None):
         if x.dim() <= SMALL_BLOCK_MAX_DIMS[self.small_block]:
-            return kernel(x, self.wl, -1, rounding)
+            return backend.block(x, self.wl, -1, rounding, generator)
         if self.block_dim == "BC" and x.dim() >= 2:
             rows = x.reshape(x.shape[0] * x.shape[1], -1)
-            return kernel(rows, self.wl, 0, rounding).view_as(x)
-        return kernel(x, self.wl, 0, rounding)
+            return backend.block(rows, self.wl, 0, rounding, generator).view_as(x)
+        return backend.block(x, self.wl, self.dim, rounding, generator)
+
+
+@dataclass(frozen=True)
+class FixedFormat:
+    """Fixed point (qtorch's `FixedPoint`): `wl` bits, `fl` of them fractional."""
+
+    wl: int
+    fl: int
+    clamp: bool = True
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if not 2 <= self.wl <= 32:
+            raise ValueError(f"fixed point word length must be in [2, 32], got {self.wl}")
+
+    def quantize(self, x, rounding, backend, generator=None):
+        return backend.fixed(x, self.wl, self.fl, self.clamp, self.symmetric, rounding, generator)
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """Floating point (qtorch's `FloatingPoint`): `exp` exponent bits, `man`
+    mantissa bits without the hidden one."""
+
+    exp: int
+    man: int
+
+    def __post_init__(self):
+        if not 2 <= self.exp <= 8 or not 0 <= self.man <= 22:
+            raise ValueError(f"floating point needs exp in [2, 8] and man in [0, 22], got {self.exp}, {self.man}")
+
+    def quantize(self, x, rounding, backend, generator=None):
+        return backend.float(x, self.exp, self.man, rounding, generator)
+
+
+def _mix64(value):
+    """splitmix64's finaliser: spreads (seed, step) over all 64 bits, since
+    the CPU generator keeps only the low 32 bits of its seed."""
+    mask = (1 << 64) - 1
+    value = (value + 0x9E3779B97F4A7C15) & mask
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
+    return value ^ (value >> 31)
+
+
+class StepNoise:
+    """Generators for the optimizer's stochastic rounding, reseeded from
+    (seed, step) at every optimizer step.
+
+    Every process that starts from the same seed and step draws the same
+    noise in the same order, so data-parallel replicas round their weights,
+    gradients, momenta and accumulators identically without communicating.
+    """
+
+    def __init__(self, seed, step=0):
+        self.seed = seed
+        self.step = step
+        self._generators = {}
+
+    def _reseed(self, generator):
+        generator.manual_seed(_mix64((self.seed << 32) + self.step))
+
+    def seek(self, step):
+        self.step = step
+        for generator in self._generators.values():
+            self._reseed(generator)
+
+    def advance(self):
+        self.seek(self.step + 1)
+
+    def generator(self, device):
+        if device not in self._generators:
+            generator = self._generators[device] = torch.Generator(device=device)
+            self._reseed(generator)
+        return self._generators[device]
 
 
 class TensorQuantizer:
-    """A tensor -> tensor rounding function for one format and rounding mode."""
+    """A tensor -> tensor rounding function for one format, rounding mode and
+    backend. With `noise`, stochastic rounding draws from its per-step
+    generators; otherwise from torch's default generator of the device."""
 
-    def __init__(self, number_format, rounding, kernel):
+    def __init__(self, number_format, rounding, backend=TORCH_BACKEND, noise=None):
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         self.number_format = number_format
         self.rounding = rounding
-        self.kernel = kernel
+        self.backend = backend
+        self.noise = noise
 
     def __call__(self, x):
-        return self.number_format.quantize(x, self.rounding, self.kernel)
+        generator = None if self.noise is None else self.noise.generator(x.device)
+        return self.number_format.quantize(x, self.rounding, self.backend, generator)
 
     def __repr__(self):
-        return f"{self.number_format}, {self.rounding}"
+        return f"{self.number_format}, {self.rounding}, {self.backend.name} backend"
 
 
 class _Round(torch.autograd.Function):
@@ -147,31 +291,49 @@ def insert_quantizers(net, activation_quant, error_quant, placement):
     return len(sites)
 
 
-def build_quantizers(word_lengths, rounding, small_block="None", block_dim="B", kernel=None):
+OPTIMIZER_KINDS = ("weight", "grad", "momentum", "acc")
+
+
+def build_quantizers(word_lengths, rounding, small_block="None", block_dim="B",
+                     backend=TORCH_BACKEND, noise=None):
     """One TensorQuantizer per number kind, None where the word length is -1.
 
-    `word_lengths` maps each of NUMBER_KINDS to an int. The kernel is loaded
-    only when some kind is quantized.
+    `word_lengths` maps each of NUMBER_KINDS to an int. The optimizer's kinds
+    draw their noise from `noise` (a StepNoise), activations and errors from
+    torch's default generators.
     """
     quantizers = dict.fromkeys(NUMBER_KINDS)
-    if all(word_lengths[kind] == -1 for kind in NUMBER_KINDS):
-        return quantizers
-    kernel = kernel or load_block_kernel()
     for kind in NUMBER_KINDS:
         if word_lengths[kind] != -1:
-            number_format = BlockFormat(word_lengths[kind], small_block, block_dim)
-            quantizers[kind] = TensorQuantizer(number_format, rounding, kernel)
+            number_format = BlockFormat(word_lengths[kind], 0, small_block, block_dim)
+            kind_noise = noise if kind in OPTIMIZER_KINDS else None
+            quantizers[kind] = TensorQuantizer(number_format, rounding, backend, kind_noise)
     return quantizers
 
 
-def make_optimizer(net, quantizers, lr, momentum, weight_decay):
-    """SGD wrapped in qtorch's OptimLP: gradients are rounded before the step,
-    the accumulator (if any) and the weights after it, then the momentum."""
-    from qtorch.optim import OptimLP
+class SeededOptimLP(OptimLP):
+    """qtorch's OptimLP whose quantizers' noise is reseeded at every step.
 
+    OptimLP rounds each gradient before SGD's step, then the accumulator (if
+    any), the weights and the momentum buffers after it.
+    """
+
+    def __init__(self, optim, noise, **quantizers):
+        super().__init__(optim, **quantizers)
+        self.noise = noise
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.noise.advance()
+        return loss
+
+
+def make_optimizer(net, quantizers, lr, momentum, weight_decay, noise):
+    """SGD wrapped in SeededOptimLP with the optimizer-side quantizers."""
     sgd = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return OptimLP(
+    return SeededOptimLP(
         sgd,
+        noise,
         weight_quant=quantizers["weight"],
         grad_quant=quantizers["grad"],
         momentum_quant=quantizers["momentum"],

@@ -110,6 +110,10 @@ def build_parser():
                            "dimension share one exponent; Conv: at most 2 dimensions (default: None)")
     lowp.add_argument("--block-dim", default="B", choices=quantization.BLOCK_DIMS,
                       help="B: one exponent per index of dim 0; BC: per index of dims 0 and 1 (default: B)")
+    lowp.add_argument("--quant-backend", default="auto", choices=quantization.BACKENDS,
+                      help="rounding kernels: torch (ours: PyTorch operations, seedable, no compiler), "
+                           "qtorch (qtorch's compiled C++/CUDA kernels, not seedable), auto (qtorch's "
+                           "CUDA kernels on a CUDA device when they build, else torch) (default: auto)")
     lowp.add_argument("--quant-placement", default="layer", choices=("layer", "relu"),
                       help="where activation/error quantizers go: layer: after every conv and linear "
                            "layer but the last (the seed); relu: after each ReLU, and before and after "
@@ -172,19 +176,29 @@ def prepare_run_dir(args):
 
 
 def seed_everything(seed):
+    """Seed Python, NumPy and torch (CPU and every CUDA device); activation
+    and error rounding of the torch backend draws from torch's generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def build_quantizers(args):
+def build_quantizers(args, device, noise):
+    """The quantizers of every number kind (None where full precision), on
+    the backend --quant-backend picks; no backend is loaded in full precision."""
+    lengths = word_lengths(args)
+    if all(wl == -1 for wl in lengths.values()):
+        return dict.fromkeys(quantization.NUMBER_KINDS), None
     try:
-        return quantization.build_quantizers(word_lengths(args), args.rounding,
-                                             args.small_block, args.block_dim)
-    except (ImportError, OSError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"qtorch's quantization kernels failed to build ({first_line}); "
-                        f"install ninja and a C++ compiler (and nvcc for CUDA)") from None
+        backend, note = quantization.select_backend(args.quant_backend, device)
+    except quantization.BackendUnavailable as error:
+        raise UserError(f"--quant-backend qtorch: qtorch's kernels failed to build ({error}); install "
+                        f"ninja and a C++ compiler (and nvcc for CUDA), or use --quant-backend torch") from None
+    if note:
+        print(note)
+    quantizers = quantization.build_quantizers(lengths, args.rounding, args.small_block, args.block_dim,
+                                               backend, noise)
+    return quantizers, backend
 
 
 STATE_DEFINING = ("dataset", "model", "small_block", "block_dim", "quant_placement") + tuple(
@@ -208,6 +222,7 @@ def restore(checkpoint, path, args, net, swa_model, optimizer, train_loader):
     if optimizer.acc_quant is not None:
         for param, accumulator in zip(net.parameters(), checkpoint["weight_acc"]):
             optimizer.weight_acc[param] = accumulator.to(param.device)
+    optimizer.noise.seek(checkpoint["noise_step"])
     utils.set_rng_state(checkpoint["rng"])
     train_loader.generator.set_state(checkpoint["loader_generator"])
     return checkpoint["epoch"], checkpoint["history"]
@@ -222,6 +237,7 @@ def training_state(args, net, swa_model, optimizer, train_loader, history):
         swa_state=swa_model.state_dict(),
         optimizer_state=optimizer.optim.state_dict(),
         weight_acc=accumulators,
+        noise_step=optimizer.noise.step,
         rng=utils.rng_state(),
         loader_generator=train_loader.generator.get_state(),
         history=history,
@@ -264,14 +280,17 @@ def run(args):
     # The average is a deep copy of the plain network, taken before quantizers
     # are attached, so it is evaluated in full precision.
     swa_model = AveragedModel(net)
-    quantizers = build_quantizers(args)
+    # The optimizer's rounding noise depends only on (seed, step): identical
+    # across data-parallel replicas and restored exactly on resume.
+    noise = quantization.StepNoise(args.seed)
+    quantizers, backend = build_quantizers(args, device, noise)
     for kind in quantization.NUMBER_KINDS:
         print(f"{kind:10}: {quantizers[kind] or 'full precision'}")
     sites = quantization.insert_quantizers(net, quantizers["activate"], quantizers["error"],
                                            args.quant_placement)
     print(f"Model {args.model}: {sites} activation quantizers ({args.quant_placement} placement), "
           f"device {device}, run directory {run_dir}")
-    optimizer = quantization.make_optimizer(net, quantizers, args.lr_init, args.momentum, args.wd)
+    optimizer = quantization.make_optimizer(net, quantizers, args.lr_init, args.momentum, args.wd, noise)
 
     start_epoch, history = 0, []
     if args.resume:
@@ -329,6 +348,7 @@ def run(args):
             "status": "finished" if finished else "running",
             "config": vars(args),
             "activation_quantizers": sites,
+            "quant_backend": backend.name if backend else None,
             "epochs": history,
             **summary(history, args),
         })

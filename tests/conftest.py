@@ -27,7 +27,7 @@ def cifar_in_process(cifar_root, monkeypatch):
     return cifar_root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fake_cifar_env(cifar_root):
     """Environment for subprocesses that see the fake data sets and cannot
     reach the network."""
@@ -41,7 +41,7 @@ def fake_cifar_env(cifar_root):
     return env
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_train(cifar_root, fake_cifar_env):
     """Run `python train.py ARGS` in such a subprocess; returns the CompletedProcess."""
 

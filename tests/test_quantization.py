@@ -7,15 +7,18 @@ from grid import on_block_grid
 from quantization import BlockFormat, Quantizer, TensorQuantizer
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    return quantization.load_block_kernel()
+@pytest.fixture(scope="module", params=["torch", "qtorch"])
+def backend(request):
+    if request.param == "torch":
+        return quantization.TORCH_BACKEND
+    return quantization.load_qtorch_backend()
 
 
-def quantizers(kernel, rounding="stochastic", **word_lengths):
+def quantizers(backend, rounding="stochastic", **word_lengths):
     lengths = dict.fromkeys(quantization.NUMBER_KINDS, -1)
     lengths.update(word_lengths)
-    return quantization.build_quantizers(lengths, rounding, kernel=kernel)
+    noise = quantization.StepNoise(seed=0)
+    return quantization.build_quantizers(lengths, rounding, backend=backend, noise=noise), noise
 
 
 class SmallNet(nn.Module):
@@ -36,10 +39,10 @@ def take_steps(net, optimizer, steps=3):
         optimizer.step()
 
 
-def test_optimizer_step_puts_weights_gradients_and_momentum_on_their_grids(kernel):
+def test_optimizer_step_puts_weights_gradients_and_momentum_on_their_grids(backend):
     net = SmallNet()
-    q = quantizers(kernel, weight=8, grad=6, momentum=5)
-    optimizer = quantization.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    q, noise = quantizers(backend, weight=8, grad=6, momentum=5)
+    optimizer = quantization.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=5e-4, noise=noise)
     take_steps(net, optimizer)
     for param in net.parameters():
         assert on_block_grid(param.data, 8)
@@ -49,10 +52,10 @@ def test_optimizer_step_puts_weights_gradients_and_momentum_on_their_grids(kerne
         assert not on_block_grid(param.data, 5) or param.numel() < 8
 
 
-def test_accumulator_is_kept_on_its_own_grid(kernel):
+def test_accumulator_is_kept_on_its_own_grid(backend):
     net = SmallNet()
-    q = quantizers(kernel, weight=4, acc=12)
-    optimizer = quantization.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=0.0)
+    q, noise = quantizers(backend, weight=4, acc=12)
+    optimizer = quantization.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=0.0, noise=noise)
     take_steps(net, optimizer)
     for param in net.parameters():
         accumulator = optimizer.weight_acc[param]
@@ -64,7 +67,8 @@ def test_full_precision_optimizer_equals_plain_sgd():
     torch.manual_seed(1)
     net, reference = SmallNet(), SmallNet()
     reference.load_state_dict(net.state_dict())
-    optimizer = quantization.make_optimizer(net, dict.fromkeys(quantization.NUMBER_KINDS), 0.1, 0.9, 1e-4)
+    optimizer = quantization.make_optimizer(net, dict.fromkeys(quantization.NUMBER_KINDS), 0.1, 0.9, 1e-4,
+                                            quantization.StepNoise(seed=0))
     sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     take_steps(net, optimizer)
     take_steps(reference, sgd)
@@ -72,9 +76,9 @@ def test_full_precision_optimizer_equals_plain_sgd():
         assert torch.equal(ours, theirs)
 
 
-def test_quantizer_rounds_activations_forward_and_errors_backward(kernel):
-    forward = TensorQuantizer(BlockFormat(8), "stochastic", kernel)
-    backward = TensorQuantizer(BlockFormat(4), "stochastic", kernel)
+def test_quantizer_rounds_activations_forward_and_errors_backward(backend):
+    forward = TensorQuantizer(BlockFormat(8), "stochastic", backend)
+    backward = TensorQuantizer(BlockFormat(4), "stochastic", backend)
     x = torch.randn(8, 3, 5, 5, requires_grad=True)
     y = Quantizer(forward, backward)(x)
     assert on_block_grid(y.detach(), 8) and not torch.equal(y.detach(), x.detach())
@@ -83,8 +87,8 @@ def test_quantizer_rounds_activations_forward_and_errors_backward(kernel):
     assert not on_block_grid(x.grad, 3)
 
 
-def test_error_only_quantizer_passes_activations_through(kernel):
-    backward = TensorQuantizer(BlockFormat(4), "nearest", kernel)
+def test_error_only_quantizer_passes_activations_through(backend):
+    backward = TensorQuantizer(BlockFormat(4), "nearest", backend)
     x = torch.randn(4, 10, requires_grad=True)
     y = torch.relu_(Quantizer(None, backward)(x))  # in place after the quantizer is allowed
     assert torch.equal(y.detach(), x.detach().clamp(min=0))
@@ -92,56 +96,56 @@ def test_error_only_quantizer_passes_activations_through(kernel):
     assert on_block_grid(x.grad, 4)
 
 
-def test_nearest_rounding_is_round_half_up_on_the_block_grid(kernel):
+def test_nearest_rounding_is_round_half_up_on_the_block_grid(backend):
     torch.manual_seed(0)
     x = torch.randn(16, 50) * torch.logspace(-3, 3, 16).unsqueeze(1)
-    quantized = BlockFormat(8).quantize(x, "nearest", kernel)
+    quantized = BlockFormat(8).quantize(x, "nearest", backend)
     step = 2.0 ** (torch.floor(torch.log2(x.abs().amax(1, keepdim=True))) - 8 + 2)
     expected = (torch.floor(x / step + 0.5) * step).clamp(-127 * step, 127 * step)
     assert torch.equal(quantized, expected)
 
 
-def test_stochastic_rounding_is_unbiased_between_the_two_neighbours(kernel):
+def test_stochastic_rounding_is_unbiased_between_the_two_neighbours(backend):
     x = torch.full((1, 40000), 0.3)
     x[0, 0] = 1.0  # block exponent 0, so the 8-bit step is 2^-6
     step = 2.0 ** -6
-    quantized = BlockFormat(8).quantize(x, "stochastic", kernel)[0, 1:]
+    quantized = BlockFormat(8).quantize(x, "stochastic", backend)[0, 1:]
     assert set((quantized / step).unique().tolist()) == {19.0, 20.0}
     # 0.3 = 19.2 steps: rounds up with probability 0.2; 6 standard errors.
     assert abs(quantized.mean().item() - 0.3) < 6 * step * 0.4 / (40000 ** 0.5)
 
 
-def test_default_layout_blocks_each_index_of_dim_zero(kernel):
+def test_default_layout_blocks_each_index_of_dim_zero(backend):
     x = torch.tensor([[1000.0, 3.0], [0.001, 0.0007]])
-    quantized = BlockFormat(8).quantize(x, "nearest", kernel)
+    quantized = BlockFormat(8).quantize(x, "nearest", backend)
     assert quantized[1].abs().min() > 0  # the small row keeps its own exponent
     bias = torch.tensor([1000.0, 0.001])
-    assert BlockFormat(8).quantize(bias, "nearest", kernel)[1] > 0  # 1-D: one block per element
+    assert BlockFormat(8).quantize(bias, "nearest", backend)[1] > 0  # 1-D: one block per element
 
 
-def test_small_block_shares_one_exponent_for_small_tensors(kernel):
+def test_small_block_shares_one_exponent_for_small_tensors(backend):
     bias = torch.tensor([1000.0, 0.001])
-    assert BlockFormat(8, small_block="FC").quantize(bias, "nearest", kernel)[1] == 0
+    assert BlockFormat(8, small_block="FC").quantize(bias, "nearest", backend)[1] == 0
     matrix = torch.tensor([[1000.0, 3.0], [0.001, 0.0007]])
-    assert torch.equal(BlockFormat(8, small_block="FC").quantize(matrix, "nearest", kernel),
-                       BlockFormat(8).quantize(matrix, "nearest", kernel))
-    shared = BlockFormat(8, small_block="Conv").quantize(matrix, "nearest", kernel)
+    assert torch.equal(BlockFormat(8, small_block="FC").quantize(matrix, "nearest", backend),
+                       BlockFormat(8).quantize(matrix, "nearest", backend))
+    shared = BlockFormat(8, small_block="Conv").quantize(matrix, "nearest", backend)
     assert on_block_grid(shared, 8, rows=shared.reshape(1, -1))
     assert shared[1].abs().max() == 0
 
 
-def test_block_dim_bc_gives_each_channel_of_each_sample_its_exponent(kernel):
+def test_block_dim_bc_gives_each_channel_of_each_sample_its_exponent(backend):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 6, 6) * torch.tensor([1.0, 1e-3, 1e3]).view(1, 3, 1, 1)
-    per_channel = BlockFormat(8, block_dim="BC").quantize(x, "nearest", kernel)
+    per_channel = BlockFormat(8, block_dim="BC").quantize(x, "nearest", backend)
     assert on_block_grid(per_channel, 8, rows=per_channel.reshape(12, -1))
     assert per_channel[:, 1].abs().min() > 0
-    per_sample = BlockFormat(8, block_dim="B").quantize(x, "nearest", kernel)
+    per_sample = BlockFormat(8, block_dim="B").quantize(x, "nearest", backend)
     assert per_sample[:, 1].abs().max() == 0  # flushed by the 1e3 channel's exponent
 
 
-@pytest.mark.parametrize("bad", [dict(wl=1), dict(wl=33), dict(wl=8, small_block="All"),
-                                 dict(wl=8, block_dim="C")])
+@pytest.mark.parametrize("bad", [dict(wl=1), dict(wl=23), dict(wl=8, small_block="All"),
+                                 dict(wl=8, block_dim="C"), dict(wl=8, dim=1, block_dim="BC")])
 def test_block_format_rejects_what_it_cannot_simulate(bad):
     with pytest.raises(ValueError):
         BlockFormat(**bad)

@@ -32,19 +32,20 @@ def test_collection_epochs(swa_c_epochs, collected):
     assert [e for e in range(6) if swa.is_collection_epoch(e, 3, swa_c_epochs)] == collected
 
 
-def lp_preresnet(kernel, seed=0):
+def lp_preresnet(seed=0):
     torch.manual_seed(seed)
     net = models.build_model("PreResNet20", num_classes=10)
     swa_model = AveragedModel(net)
     lengths = dict.fromkeys(quantization.NUMBER_KINDS, 8)
     lengths["acc"] = -1
-    q = quantization.build_quantizers(lengths, "stochastic", kernel=kernel)
+    noise = quantization.StepNoise(seed)
+    q = quantization.build_quantizers(lengths, "stochastic", noise=noise)
     quantization.insert_quantizers(net, q["activate"], q["error"], "layer")
-    return net, swa_model, quantization.make_optimizer(net, q, 0.05, 0.9, 5e-4)
+    return net, swa_model, quantization.make_optimizer(net, q, 0.05, 0.9, 5e-4, noise)
 
 
 def test_swa_weights_are_the_mean_of_the_collected_low_precision_weights():
-    net, swa_model, optimizer = lp_preresnet(quantization.load_block_kernel())
+    net, swa_model, optimizer = lp_preresnet()
     collected = []
     for step in range(4):
         optimizer.zero_grad()

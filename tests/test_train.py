@@ -89,27 +89,71 @@ def test_eight_bit_vgg16bn_on_cifar10(run_train, tmp_path):
     assert int(model["features.1.num_batches_tracked"]) == 3
 
 
-def test_resumed_full_precision_run_matches_the_uninterrupted_one(run_train, tmp_path):
-    common = ["--dataset", "CIFAR10", "--data_path", run_train.data_path, "--model", "PreResNet20",
-              "--epochs", 4, "--swa_start", 2, "--swa_c_epochs", 2, "--save_freq", 1, *SMALL]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert run_train(*common, "--dir", whole).returncode == 0
-    result = run_train(*common, "--dir", resumed, "--resume", whole / "checkpoint-2.pt")
+def assert_same_run(first, second, epochs):
+    """Bit-identical weights, SWA weights, momenta and per-epoch metrics."""
+    expected = torch.load(first / f"checkpoint-{epochs}.pt", weights_only=True)
+    actual = torch.load(second / f"checkpoint-{epochs}.pt", weights_only=True)
+    for part in ("model_state", "swa_state"):
+        assert expected[part].keys() == actual[part].keys()
+        for key, value in expected[part].items():
+            assert torch.equal(actual[part][key], value), (part, key)
+    for index, state in expected["optimizer_state"]["state"].items():
+        assert torch.equal(actual["optimizer_state"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert actual["noise_step"] == expected["noise_step"]
+    first_results = json.loads((first / "results.json").read_text())
+    second_results = json.loads((second / "results.json").read_text())
+    for ours, theirs in zip(second_results["epochs"], first_results["epochs"], strict=True):
+        for key in ("train_loss", "train_accuracy", "test_loss", "swa_test_loss", "lr", "swa_n", "collected"):
+            assert ours[key] == theirs[key], key
+    return first_results, second_results
+
+
+LOW_PRECISION_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 4, "--swa_start", 2,
+                     "--swa_c_epochs", 2, "--save_freq", 1, *EIGHT_BIT, "--wl-acc", 12, *SMALL]
+
+
+@pytest.fixture(scope="module")
+def low_precision_run(run_train, tmp_path_factory):
+    """One seeded 8-bit run on the CPU (the torch backend), with a checkpoint per epoch."""
+    run_dir = tmp_path_factory.mktemp("lp") / "run"
+    result = run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir)
+    assert result.returncode == 0, result.stderr
+    assert "torch backend" in result.stdout  # auto picks ours on the CPU
+    return run_dir
+
+
+def test_seeded_low_precision_cpu_runs_are_bit_identical(run_train, low_precision_run, tmp_path):
+    again = tmp_path / "again"
+    assert run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", again).returncode == 0
+    results, _ = assert_same_run(low_precision_run, again, epochs=4)
+    assert results["quant_backend"] == "torch"
+    assert results["swa_n"] == 2  # epochs 2 and 4
+    other_seed = tmp_path / "other"
+    assert run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", other_seed,
+                     "--seed", 2).returncode == 0
+    changed = json.loads((other_seed / "results.json").read_text())["epochs"][0]["train_loss"]
+    assert changed != results["epochs"][0]["train_loss"]
+
+
+def test_resumed_low_precision_run_matches_the_uninterrupted_one(run_train, low_precision_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    result = run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", resumed,
+                       "--resume", low_precision_run / "checkpoint-2.pt")
     assert result.returncode == 0, result.stderr
     assert "Resumed from" in result.stdout
     assert [int(row[0]) for row in table_rows(result.stdout)] == [3, 4]
+    assert_same_run(low_precision_run, resumed, epochs=4)
 
-    expected = torch.load(whole / "checkpoint-4.pt", weights_only=True)
-    actual = torch.load(resumed / "checkpoint-4.pt", weights_only=True)
-    for part in ("model_state", "swa_state"):
-        for key, value in expected[part].items():
-            assert torch.equal(actual[part][key], value), (part, key)
-    whole_results = json.loads((whole / "results.json").read_text())
-    resumed_results = json.loads((resumed / "results.json").read_text())
-    assert resumed_results["swa_n"] == whole_results["swa_n"] == 2  # epochs 2 and 4
-    for ours, theirs in zip(resumed_results["epochs"], whole_results["epochs"]):
-        for key in ("train_loss", "test_loss", "swa_test_loss", "lr", "swa_n", "collected"):
-            assert ours[key] == theirs[key], key
+
+def test_qtorch_backend_end_to_end(run_train, tmp_path):
+    run_dir = tmp_path / "qtorch"
+    result = run_train("--dataset", "CIFAR10", "--data_path", run_train.data_path, "--model", "PreResNet20",
+                       "--epochs", 2, "--swa_start", 1, *EIGHT_BIT, "--quant-backend", "qtorch", "--dir", run_dir,
+                       *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "qtorch backend" in result.stdout
+    checkpoint = torch.load(run_dir / "checkpoint-2.pt", weights_only=True)
+    assert on_block_grid(checkpoint["model_state"]["layer1.0.conv1.weight"], 8)
 
 
 def test_help_explains_every_flag(run_train):

@@ -1,0 +1,54 @@
+import sys
+
+import pytest
+import torch
+
+import quantization
+import train
+from utils import UserError
+
+
+@pytest.fixture
+def broken_qtorch(monkeypatch):
+    """qtorch's kernels fail to load, as on a machine without a compiler."""
+    monkeypatch.setitem(sys.modules, "qtorch.quant", None)
+
+
+def test_auto_uses_ours_on_cpu_without_loading_qtorch():
+    backend, note = quantization.select_backend("auto", torch.device("cpu"))
+    assert backend is quantization.TORCH_BACKEND and note is None
+
+
+def test_auto_prefers_qtorch_on_cuda_when_it_builds():
+    backend, note = quantization.select_backend("auto", torch.device("cuda"))
+    assert backend.name == "qtorch" and not backend.seedable and note is None
+
+
+def test_auto_falls_back_with_one_line_when_qtorch_does_not_build(broken_qtorch):
+    backend, note = quantization.select_backend("auto", torch.device("cuda"))
+    assert backend is quantization.TORCH_BACKEND
+    assert note.startswith("qtorch's CUDA kernels did not build") and "\n" not in note
+
+
+def test_explicit_qtorch_that_does_not_build_is_a_clear_error(broken_qtorch):
+    with pytest.raises(quantization.BackendUnavailable):
+        quantization.select_backend("qtorch", torch.device("cpu"))
+    args = train.build_parser().parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8",
+                                            "--quant-backend", "qtorch"])
+    with pytest.raises(UserError, match="--quant-backend qtorch: qtorch's kernels failed to build"):
+        train.build_quantizers(args, torch.device("cpu"), quantization.StepNoise(0))
+
+
+def test_full_precision_never_loads_a_backend(broken_qtorch):
+    args = train.build_parser().parse_args(["--data_path", "d", "--model", "VGG16", "--quant-backend", "qtorch"])
+    quantizers, backend = train.build_quantizers(args, torch.device("cpu"), quantization.StepNoise(0))
+    assert backend is None and set(quantizers.values()) == {None}
+
+
+def test_explicit_qtorch_failure_exits_with_code_2(broken_qtorch, cifar_in_process, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--wl-weight", "8",
+                    "--quant-backend", "qtorch", "--epochs", "1", "--swa_start", "1", "--num_workers", "0",
+                    "--dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: --quant-backend qtorch")

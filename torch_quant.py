@@ -1,0 +1,172 @@
+"""qtorch's rounding kernels written with PyTorch tensor operations.
+
+Same number formats and results as qtorch 0.3.0's kernels, with three
+differences that matter here: no compiler is needed, the work is vectorised
+(and runs on any device torch supports), and stochastic rounding draws its
+noise from a torch generator, so a seeded run is repeatable.
+
+The kernels reproduce qtorch's bit manipulations on the float32 encoding, so
+nearest rounding is bit-identical to qtorch and stochastic rounding has the
+same distribution: the value is rounded to `man` bits of mantissa after
+adding uniform random bits below the last kept bit, then truncated.
+
+Special values:
+- block floating point: a block whose largest magnitude is inf, NaN or at
+  least 2^126 becomes all NaN (its shared exponent is undefined or its
+  rebasing overflows); other blocks are unaffected. qtorch also gives NaN for
+  inf and NaN blocks, and for blocks at or above 2^126 ±(largest value)
+  with the sign of the CPU's default NaN: garbage either way;
+- fixed point: NaN stays NaN, ±inf clamps to the range (or stays ±inf
+  without clamping);
+- floating point: ±inf and NaN become the largest finite value of the format
+  (NaN with its sign bit), as qtorch's kernel does.
+"""
+
+import torch
+
+SIGN_BIT = -(1 << 31)  # 0x80000000 as an int32
+EXPONENT_FIELD = 0xFF << 23
+MANTISSA_BITS = 23
+
+
+def _bits(x):
+    return x.view(torch.int32)
+
+
+def _float(bits):
+    return bits.view(torch.float32)
+
+
+_noise_buffers = {}
+
+
+def _random_bits(like, mask, generator):
+    """Uniform random integers in [0, mask] shaped like `like` (int32).
+
+    `random_` fills the full non-negative int32 range, whose low bits are
+    uniform, and is about twice as fast as bounded sampling. On the CPU the
+    buffer is reused: a fresh 30 MB allocation per call costs as much as the
+    rounding itself. Callers consume the noise before the next call.
+    """
+    count = like.numel()
+    if like.device.type != "cpu":
+        noise = torch.empty(like.shape, dtype=torch.int32, device=like.device)
+    else:
+        buffer = _noise_buffers.get(like.device)
+        if buffer is None or buffer.numel() < count:
+            buffer = _noise_buffers[like.device] = torch.empty(count, dtype=torch.int32)
+        noise = buffer[:count].view(like.shape)
+    return noise.random_(generator=generator).bitwise_and_(mask)
+
+
+def _round_mantissa(bits, man, rounding, generator):
+    """qtorch's round_bitwise: keep `man` mantissa bits, rounding half up in
+    the last kept bit (nearest) or after adding uniform random lower bits
+    (stochastic). Modifies and returns `bits`."""
+    mask = (1 << (MANTISSA_BITS - man)) - 1
+    if rounding == "nearest":
+        bits += 1 << (MANTISSA_BITS - man - 1)
+    else:
+        bits += _random_bits(bits, mask, generator)
+    return bits.bitwise_and_(~mask)
+
+
+def _largest_mantissa(man):
+    """The mantissa field with its top `man` bits set."""
+    drop = MANTISSA_BITS - man
+    return ((1 << MANTISSA_BITS) - 1) >> drop << drop
+
+
+def _check(x, rounding):
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError("quantization needs a float32 tensor")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+
+
+def block_max(x, dim):
+    """Largest magnitude per block, broadcastable to x: the whole tensor for
+    dim -1, else one block per index of `dim` (so each element of a 1-D
+    tensor is its own block)."""
+    if dim == -1:
+        return torch.maximum(x.amax(), -x.amin())
+    if x.dim() <= 1:
+        return x.abs()
+    others = [d for d in range(x.dim()) if d != dim % x.dim()]
+    # Two reductions allocate nothing of x's size, unlike abs().amax().
+    return torch.maximum(x.amax(dim=others, keepdim=True), -x.amin(dim=others, keepdim=True))
+
+
+def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None):
+    """Block floating point with `wl` bits (sign included) per number; blocks
+    share the exponent of their largest magnitude. dim -1: one block; else
+    one block per index of `dim`."""
+    _check(x, rounding)
+    if x.numel() == 0:
+        return x.clone()
+    peak = block_max(x, dim)
+    max_exponent = _bits(peak) & EXPONENT_FIELD
+    # Adding 6 * 2^e moves every value of the block to exponent e + 2, where
+    # `wl` mantissa bits leave steps of 2^(e - wl + 2).
+    base = _float(max_exponent) * 6
+    rebased = x + base
+    _round_mantissa(_bits(rebased), wl, rounding, generator)
+    largest = _float(max_exponent | _largest_mantissa(wl - 2))
+    if bool(((max_exponent == 0) & (peak != 0)).any()):
+        return _clip_exactly(rebased - base, max_exponent, largest)
+    # qtorch clips whatever rounded past the block's exponent to the largest
+    # magnitude with wl - 2 fraction bits. In a block with a normal exponent
+    # nothing on the grid lies between that magnitude and 2^(e+1), so the clip
+    # is a clamp around the base, done before removing it.
+    return rebased.clamp_(base - largest, base + largest).sub_(base)
+
+
+def _clip_exactly(quantized, max_exponent, largest):
+    """qtorch's clip on the bits; needed where a block's largest magnitude is
+    subnormal, whose values above `largest` but below 2^-126 are kept."""
+    bits = _bits(quantized)
+    overflow = (bits & EXPONENT_FIELD) > max_exponent
+    return _float(torch.where(overflow, (bits & SIGN_BIT) | _bits(largest), bits))
+
+
+def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stochastic", generator=None):
+    """Fixed point with `wl` bits of which `fl` are fractional: a multiple of
+    2^-fl in [-2^(wl-fl-1), 2^(wl-fl-1) - 2^-fl] (symmetric: the lowest value
+    is dropped). Without clamp, only the precision is simulated."""
+    _check(x, rounding)
+    scaled = torch.ldexp(x, torch.tensor(fl, dtype=torch.int32, device=x.device))
+    # qtorch computes nearbyint((float)(a + r) - 0.5) with a double 0.5 and
+    # r = 0.5 for nearest, r uniform in [0, 1) for stochastic.
+    offset = 0.5 if rounding == "nearest" else torch.rand(x.shape, device=x.device, generator=generator)
+    rounded = torch.round((scaled + offset).double() - 0.5).float()
+    out = torch.ldexp(rounded, torch.tensor(-fl, dtype=torch.int32, device=x.device))
+    if clamp:
+        step = 2.0 ** -fl
+        t_min = -(2.0 ** (wl - fl - 1))
+        t_max = -t_min - step
+        if symmetric:
+            t_min += step
+        out = out.clamp(t_min, t_max)
+    return out
+
+
+def float_quantize(x, exp, man, rounding="stochastic", generator=None):
+    """Floating point with `exp` exponent bits and `man` mantissa bits
+    (without the hidden bit), with subnormals; no inf or NaN."""
+    _check(x, rounding)
+    bits = _bits(x)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    min_exponent = -((1 << (exp - 1)) - 2)
+    subnormal = exponent < min_exponent
+
+    # Subnormals of the format: shift to its smallest normal exponent, round there.
+    shift = _float(((127 + min_exponent) << 23) | (bits & SIGN_BIT))
+    shifted = _round_mantissa(_bits(x + shift), man, rounding, generator)
+    small = _float(shifted) - shift
+
+    normal = _round_mantissa(bits.clone(), man, rounding, generator)
+    max_exponent = (1 << (exp - 1)) + 127
+    largest = (max_exponent << 23) | _largest_mantissa(man)
+    overflow = ((normal >> 23) & 0xFF) > max_exponent
+    normal = torch.where(overflow, (bits & SIGN_BIT) | largest, normal)
+    return torch.where(subnormal, small, _float(normal))
