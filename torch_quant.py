@@ -37,37 +37,48 @@ def _float(bits):
     return bits.view(torch.float32)
 
 
-_noise_buffers = {}
+RANDOM_BITS = 31  # an int32 `random_()` is uniform on [0, 2^31 - 1]
+_buffers = {}
 
 
-def _random_bits(like, mask, generator):
-    """Uniform random integers in [0, mask] shaped like `like` (int32).
+def _scratch(device, role, count):
+    """A reused int32 buffer: a fresh 30 MB allocation per call costs the CPU
+    as much as the rounding itself. Callers finish with it before the next call."""
+    buffer = _buffers.get((device, role))
+    if buffer is None or buffer.numel() < count:
+        buffer = _buffers[(device, role)] = torch.empty(count, dtype=torch.int32, device=device)
+    return buffer[:count]
 
-    `random_` fills the full non-negative int32 range, whose low bits are
-    uniform, and is about twice as fast as bounded sampling. On the CPU the
-    buffer is reused: a fresh 30 MB allocation per call costs as much as the
-    rounding itself. Callers consume the noise before the next call.
+
+def _add_random_bits(bits, mask, generator):
+    """bits += uniform integers in [0, mask], in place (`bits` contiguous int32).
+
+    Random number generation dominates stochastic rounding, so each 31-bit
+    draw is cut into as many independent `mask`-wide fields as it holds
+    (two for 8-bit block floating point) and each field feeds one element.
     """
-    count = like.numel()
-    if like.device.type != "cpu":
-        noise = torch.empty(like.shape, dtype=torch.int32, device=like.device)
-    else:
-        buffer = _noise_buffers.get(like.device)
-        if buffer is None or buffer.numel() < count:
-            buffer = _noise_buffers[like.device] = torch.empty(count, dtype=torch.int32)
-        noise = buffer[:count].view(like.shape)
-    return noise.random_(generator=generator).bitwise_and_(mask)
+    flat = bits.view(-1)
+    width = mask.bit_length()
+    fields = max(1, RANDOM_BITS // width)
+    draws = -(-flat.numel() // fields)
+    raw = _scratch(bits.device, "raw", draws).random_(generator=generator)
+    field = _scratch(bits.device, "field", draws)
+    for index in range(fields):
+        target = flat[index * draws:(index + 1) * draws]
+        count = target.numel()
+        torch.bitwise_right_shift(raw[:count], index * width, out=field[:count])
+        target += field[:count].bitwise_and_(mask)
 
 
 def _round_mantissa(bits, man, rounding, generator):
     """qtorch's round_bitwise: keep `man` mantissa bits, rounding half up in
     the last kept bit (nearest) or after adding uniform random lower bits
-    (stochastic). Modifies and returns `bits`."""
+    (stochastic). Modifies and returns `bits` (contiguous int32)."""
     mask = (1 << (MANTISSA_BITS - man)) - 1
     if rounding == "nearest":
         bits += 1 << (MANTISSA_BITS - man - 1)
     else:
-        bits += _random_bits(bits, mask, generator)
+        _add_random_bits(bits, mask, generator)
     return bits.bitwise_and_(~mask)
 
 
@@ -109,7 +120,7 @@ def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None):
     # Adding 6 * 2^e moves every value of the block to exponent e + 2, where
     # `wl` mantissa bits leave steps of 2^(e - wl + 2).
     base = _float(max_exponent) * 6
-    rebased = x + base
+    rebased = (x + base).contiguous()
     _round_mantissa(_bits(rebased), wl, rounding, generator)
     largest = _float(max_exponent | _largest_mantissa(wl - 2))
     if bool(((max_exponent == 0) & (peak != 0)).any()):
@@ -161,10 +172,10 @@ def float_quantize(x, exp, man, rounding="stochastic", generator=None):
 
     # Subnormals of the format: shift to its smallest normal exponent, round there.
     shift = _float(((127 + min_exponent) << 23) | (bits & SIGN_BIT))
-    shifted = _round_mantissa(_bits(x + shift), man, rounding, generator)
+    shifted = _round_mantissa(_bits((x + shift).contiguous()), man, rounding, generator)
     small = _float(shifted) - shift
 
-    normal = _round_mantissa(bits.clone(), man, rounding, generator)
+    normal = _round_mantissa(bits.contiguous().clone(), man, rounding, generator)
     max_exponent = (1 << (exp - 1)) + 127
     largest = (max_exponent << 23) | _largest_mantissa(man)
     overflow = ((normal >> 23) & 0xFF) > max_exponent

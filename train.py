@@ -97,10 +97,11 @@ def build_parser():
     lowp = parser.add_argument_group("low precision (block floating point)")
     for kind, what in (("weight", "weights"), ("activate", "activations"), ("grad", "gradients"),
                        ("error", "back-propagated errors"), ("momentum", "momentum buffers"),
-                       ("acc", "the gradient accumulator (a low-precision copy of the weights that "
-                               "SGD updates; -1: none)")):
+                       ("acc", "the gradient accumulator, a low-precision copy of the weights that "
+                               "SGD updates (with -1 there is none)")):
         lowp.add_argument(f"--wl-{kind}", type=word_length, default=-1, metavar="N",
-                          help=f"word length in bits for {what}; -1 if full precision (default: -1)")
+                          help=f"word length in bits ({quantization.MIN_WL}..{quantization.MAX_WL}) for {what}; "
+                               f"-1 if full precision (default: -1)")
     lowp.add_argument("--rounding", "--quant-type", dest="rounding", default="stochastic",
                       choices=quantization.ROUNDINGS,
                       help="rounding: stochastic or nearest (default: stochastic; "
