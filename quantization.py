@@ -24,6 +24,7 @@ import torch.nn as nn
 from qtorch.optim import OptimLP
 
 import torch_quant
+from seeding import mix_seed
 
 ROUNDINGS = ("stochastic", "nearest")
 # Tensors with at most this many dimensions share one exponent ("small block").
@@ -172,16 +173,6 @@ class FloatFormat:
         return backend.float(x, self.exp, self.man, rounding, generator)
 
 
-def _mix64(value):
-    """splitmix64's finaliser: spreads (seed, step) over all 64 bits, since
-    the CPU generator keeps only the low 32 bits of its seed."""
-    mask = (1 << 64) - 1
-    value = (value + 0x9E3779B97F4A7C15) & mask
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
-    return value ^ (value >> 31)
-
-
 class StepNoise:
     """Generators for the optimizer's stochastic rounding, reseeded from
     (seed, step) at every optimizer step.
@@ -197,7 +188,7 @@ class StepNoise:
         self._generators = {}
 
     def _reseed(self, generator):
-        generator.manual_seed(_mix64((self.seed << 32) + self.step))
+        generator.manual_seed(mix_seed(self.seed, self.step))
 
     def seek(self, step):
         self.step = step

@@ -8,8 +8,11 @@ statistics.
 """
 
 import argparse
+import glob
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 
@@ -40,6 +43,13 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"{text} must be positive")
         return value
     return parse
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
 
 
 def non_negative_float(text):
@@ -128,8 +138,12 @@ def build_parser():
                         help="save a checkpoint every N epochs, besides at swa_start and the end (default: 25)")
     output.add_argument("--eval_freq", type=positive(int), default=1, metavar="N",
                         help="evaluate every N epochs, besides at swa_start and the end (default: 1)")
+    output.add_argument("--save_every_steps", type=non_negative_int, default=0, metavar="N",
+                        help="also checkpoint every N optimizer steps within epochs, keeping only the newest "
+                             "such checkpoint (default: 0, off)")
     output.add_argument("--resume", default=None, metavar="CKPT",
-                        help="checkpoint-<epoch>.pt to continue from (default: none)")
+                        help="a checkpoint to continue from, or auto for the newest one in --dir "
+                             "(a fresh start when there is none) (default: none)")
     output.add_argument("--overwrite", action="store_true",
                         help="start afresh in a --dir that already holds a run")
     return parser
@@ -156,15 +170,25 @@ def resolve_device(name):
     return device
 
 
+RUN_OUTPUTS = ("results.json", "checkpoint-*.pt", "events.out.tfevents.*")
+PARTIAL_WRITES = ("results.json.tmp", "checkpoint-*.pt.tmp")
+
+
+def run_files(run_dir, patterns):
+    return [path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(run_dir), pattern))]
+
+
 def prepare_run_dir(args):
-    if args.swa_start > args.epochs:
-        raise UserError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}; "
-                        f"lower it or train longer")
+    """The run directory, created and checked writable. A directory that
+    already holds a run is used only to resume it or with --overwrite, which
+    deletes that run's outputs (nothing else)."""
     run_dir = args.dir or os.path.join(
         "runs", f"{args.dataset}-{args.model}-{precision_tag(args)}-seed{args.seed}")
-    if (not args.resume and not args.overwrite
-            and os.path.exists(os.path.join(run_dir, "results.json"))):
-        raise UserError(f"{run_dir} already holds a run; pass --resume, --overwrite or another --dir")
+    previous = run_files(run_dir, RUN_OUTPUTS)
+    holds_run = any(not os.path.basename(path).startswith("events.") for path in previous)
+    if holds_run and not args.resume and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --resume auto to continue it, "
+                        f"--overwrite to replace it, or another --dir")
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, ".write-test")
@@ -173,7 +197,23 @@ def prepare_run_dir(args):
     except OSError as error:
         raise UserError(f"cannot write to run directory {run_dir} ({error.strerror}); "
                         f"choose another --dir") from None
+    for path in run_files(run_dir, PARTIAL_WRITES) + (previous if args.overwrite and not args.resume else []):
+        os.remove(path)
     return run_dir
+
+
+def resolve_resume(args, run_dir):
+    """The checkpoint to resume from: --resume PATH, or with --resume auto the
+    newest in the run directory (None, a fresh start, when it has none)."""
+    if args.resume != "auto":
+        return args.resume
+    checkpoints = utils.list_checkpoints(run_dir)
+    if checkpoints:
+        return checkpoints[-1][2]
+    if os.path.exists(os.path.join(run_dir, "results.json")):
+        raise UserError(f"--resume auto: {run_dir} holds results.json but no checkpoint to continue from; "
+                        f"pass --overwrite to start afresh or another --dir")
+    return None
 
 
 def seed_everything(seed):
@@ -202,47 +242,185 @@ def build_quantizers(args, device, noise):
     return quantizers, backend
 
 
-STATE_DEFINING = ("dataset", "model", "small_block", "block_dim", "quant_placement") + tuple(
+STATE_DEFINING = ("dataset", "model", "small_block", "block_dim", "quant_placement", "batch_size") + tuple(
     f"wl_{kind}" for kind in quantization.NUMBER_KINDS)
+CHECKPOINT_KEYS = {"epoch", "step", "config", "model_state", "swa_state", "optimizer_state", "weight_acc",
+                   "noise_step", "rng", "loader_generator", "history", "epoch_totals"}
 
 
-def restore(checkpoint, path, args, net, swa_model, optimizer, train_loader):
-    saved = checkpoint.get("config", {})
-    for key in STATE_DEFINING:
-        if key in saved and saved[key] != getattr(args, key):
-            raise UserError(f"checkpoint {path} was written with --{key.replace('_', '-') if key.startswith('wl') else key} "
-                            f"{saved[key]}, this run has {getattr(args, key)}; use the same flags")
-    try:
-        net.load_state_dict(checkpoint["model_state"])
-        swa_model.load_state_dict(checkpoint["swa_state"])
-        optimizer.optim.load_state_dict(checkpoint["optimizer_state"])
-    except (KeyError, RuntimeError, ValueError) as error:
-        raise UserError(f"checkpoint {path} does not match this model ({str(error).splitlines()[0]})") from None
-    # Optimizer.load_state_dict replaces the group list; OptimLP must see the new one.
-    optimizer.param_groups = optimizer.optim.param_groups
-    if optimizer.acc_quant is not None:
-        for param, accumulator in zip(net.parameters(), checkpoint["weight_acc"]):
-            optimizer.weight_acc[param] = accumulator.to(param.device)
-    optimizer.noise.seek(checkpoint["noise_step"])
-    utils.set_rng_state(checkpoint["rng"])
-    train_loader.generator.set_state(checkpoint["loader_generator"])
-    return checkpoint["epoch"], checkpoint["history"]
+def flag_name(key):
+    return "--" + (key.replace("_", "-") if key.startswith("wl_") else key)
 
 
-def training_state(args, net, swa_model, optimizer, train_loader, history):
-    accumulators = ([optimizer.weight_acc[p] for p in net.parameters()]
-                    if optimizer.acc_quant is not None else [])
-    return dict(
-        config=vars(args),
-        model_state=net.state_dict(),
-        swa_state=swa_model.state_dict(),
-        optimizer_state=optimizer.optim.state_dict(),
-        weight_acc=accumulators,
-        noise_step=optimizer.noise.step,
-        rng=utils.rng_state(),
-        loader_generator=train_loader.generator.get_state(),
-        history=history,
-    )
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a request to save and stop at the next
+    step boundary instead of dying mid-write."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __bool__(self):
+        return self.signal is not None
+
+
+class Training:
+    """Everything a run holds, and the checkpoint that captures it."""
+
+    def __init__(self, args, device, run_dir):
+        self.args, self.device, self.run_dir = args, device, run_dir
+        print(f"Loading dataset {args.dataset} from {args.data_path}")
+        train_set, test_set = utils.load_cifar(args.dataset, args.data_path)
+        self.train_loader, self.test_loader = utils.make_loaders(
+            train_set, test_set, args.batch_size, args.num_workers, args.seed, pin_memory=device.type == "cuda")
+
+        self.net = models.build_model(args.model, utils.NUM_CLASSES[args.dataset]).to(device)
+        # The average is a deep copy of the plain network, taken before quantizers
+        # are attached, so it is evaluated in full precision.
+        self.swa_model = AveragedModel(self.net)
+        # The optimizer's rounding noise depends only on (seed, step): identical
+        # across data-parallel replicas and restored exactly on resume.
+        noise = quantization.StepNoise(args.seed)
+        quantizers, self.backend = build_quantizers(args, device, noise)
+        for kind in quantization.NUMBER_KINDS:
+            print(f"{kind:10}: {quantizers[kind] or 'full precision'}")
+        self.sites = quantization.insert_quantizers(self.net, quantizers["activate"], quantizers["error"],
+                                                    args.quant_placement)
+        print(f"Model {args.model}: {self.sites} activation quantizers ({args.quant_placement} placement), "
+              f"device {device}, run directory {run_dir}")
+        self.optimizer = quantization.make_optimizer(self.net, quantizers, args.lr_init, args.momentum, args.wd,
+                                                     noise)
+        # Position: `epoch` complete epochs, then `epoch_totals["steps"]` steps into the next.
+        self.epoch = 0
+        self.epoch_totals = utils.new_epoch_totals()
+        self.history = []
+
+    def state_dict(self):
+        optimizer = self.optimizer
+        accumulators = ([optimizer.weight_acc[p] for p in self.net.parameters()]
+                        if optimizer.acc_quant is not None else [])
+        return dict(
+            epoch=self.epoch,
+            step=self.epoch_totals["steps"],
+            epoch_totals=dict(self.epoch_totals),
+            config=vars(self.args),
+            model_state=self.net.state_dict(),
+            swa_state=self.swa_model.state_dict(),
+            optimizer_state=optimizer.optim.state_dict(),
+            weight_acc=accumulators,
+            noise_step=optimizer.noise.step,
+            rng=utils.rng_state(),
+            loader_generator=self.train_loader.generator.get_state(),
+            history=self.history,
+        )
+
+    def load_state_dict(self, checkpoint, path):
+        missing = CHECKPOINT_KEYS - set(checkpoint)
+        if missing:
+            raise UserError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; "
+                            f"it was not written by this train.py")
+        saved = checkpoint["config"]
+        for key in STATE_DEFINING:
+            if saved.get(key) != getattr(self.args, key):
+                raise UserError(f"checkpoint {path} was written with {flag_name(key)} {saved.get(key)}, "
+                                f"this run has {getattr(self.args, key)}; resume with the same flags")
+        try:
+            self.net.load_state_dict(checkpoint["model_state"])
+            self.swa_model.load_state_dict(checkpoint["swa_state"])
+            self.optimizer.optim.load_state_dict(checkpoint["optimizer_state"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise UserError(f"checkpoint {path} does not match this model "
+                            f"({str(error).strip().splitlines()[0]})") from None
+        # Optimizer.load_state_dict replaces the group list; OptimLP must see the new one.
+        self.optimizer.param_groups = self.optimizer.optim.param_groups
+        if self.optimizer.acc_quant is not None:
+            for param, accumulator in zip(self.net.parameters(), checkpoint["weight_acc"]):
+                self.optimizer.weight_acc[param] = accumulator.to(param.device)
+        self.optimizer.noise.seek(checkpoint["noise_step"])
+        utils.set_rng_state(checkpoint["rng"])
+        self.train_loader.generator.set_state(checkpoint["loader_generator"])
+        self.epoch = checkpoint["epoch"]
+        self.epoch_totals = dict(checkpoint["epoch_totals"])
+        self.history = list(checkpoint["history"])
+
+    def save(self):
+        return utils.save_checkpoint(self.run_dir, self.state_dict())
+
+    def train_steps(self, stop):
+        """Train the rest of the current epoch; False when stopped early."""
+        args = self.args
+        lr = swa.schedule(self.epoch, args.lr_init, args.swa_start, args.swa_lr)
+        for group in self.optimizer.optim.param_groups:
+            group["lr"] = lr
+        utils.set_epoch(self.train_loader, self.epoch, self.epoch_totals["steps"])
+        steps_per_epoch = self.epoch_totals["steps"] + len(self.train_loader)
+
+        def after_step(totals):
+            if args.save_every_steps and totals["steps"] < steps_per_epoch \
+                    and self.optimizer.noise.step % args.save_every_steps == 0:
+                self.save()
+            return bool(stop) and totals["steps"] < steps_per_epoch
+
+        try:
+            return utils.train_epoch(self.train_loader, self.net, self.optimizer, self.device, self.epoch_totals,
+                                     f"epoch {self.epoch + 1}/{args.epochs}", after_step)
+        finally:
+            utils.set_epoch(self.train_loader, self.epoch)
+
+    def finish_epoch(self):
+        """Average, evaluate, log and checkpoint after the epoch's last step."""
+        args, epoch = self.args, self.epoch
+        completed = epoch + 1
+        lr = swa.schedule(epoch, args.lr_init, args.swa_start, args.swa_lr)
+        train_res = utils.epoch_result(self.epoch_totals)
+        collected = swa.is_collection_epoch(epoch, args.swa_start, args.swa_c_epochs)
+        if collected:
+            self.swa_model.update_parameters(self.net)
+            update_bn(self.train_loader, self.swa_model, self.device)
+
+        test_res = swa_res = {"loss": None, "accuracy": None}
+        if completed % args.eval_freq == 0 or completed in (args.swa_start, args.epochs):
+            update_bn(self.train_loader, self.net, self.device)
+            test_res = utils.evaluate(self.test_loader, self.net, self.device, "test")
+            if self.swa_model.n_averaged > 0:
+                swa_res = utils.evaluate(self.test_loader, self.swa_model, self.device, "swa test")
+
+        record = {
+            "epoch": completed, "lr": lr,
+            "train_loss": train_res["loss"], "train_accuracy": train_res["accuracy"],
+            "train_time": train_res["time"],
+            "test_loss": test_res["loss"], "test_accuracy": test_res["accuracy"],
+            "swa_test_loss": swa_res["loss"], "swa_test_accuracy": swa_res["accuracy"],
+            "swa_n": int(self.swa_model.n_averaged), "collected": collected,
+        }
+        self.history.append(record)
+        self.epoch, self.epoch_totals = completed, utils.new_epoch_totals()
+        print(utils.table_row([completed, lr, train_res["loss"], train_res["accuracy"], train_res["time"],
+                               test_res["loss"], test_res["accuracy"], swa_res["loss"], swa_res["accuracy"]],
+                              epoch), flush=True)
+        return record
+
+    def results(self, status):
+        return {
+            "status": status,
+            "config": vars(self.args),
+            "activation_quantizers": self.sites,
+            "quant_backend": self.backend.name if self.backend else None,
+            "epochs": self.history,
+            **summary(self.history, self.args),
+        }
 
 
 def summary(history, args):
@@ -264,98 +442,74 @@ def summary(history, args):
     }
 
 
+def resume_command(path):
+    """This command line with --resume PATH instead of any --resume."""
+    argv, kept, skip = sys.argv[1:], [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join([sys.executable, sys.argv[0], *kept, "--resume", path])
+
+
 def run(args):
+    if args.swa_start > args.epochs:
+        raise UserError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}; "
+                        f"lower it or train longer")
     device = resolve_device(args.device)
     run_dir = prepare_run_dir(args)
+    resume_path = resolve_resume(args, run_dir) if args.resume else None
     seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    print(f"Loading dataset {args.dataset} from {args.data_path}")
-    train_set, test_set = utils.load_cifar(args.dataset, args.data_path)
-    train_loader, test_loader = utils.make_loaders(
-        train_set, test_set, args.batch_size, args.num_workers, args.seed,
-        pin_memory=device.type == "cuda")
-
-    net = models.build_model(args.model, utils.NUM_CLASSES[args.dataset]).to(device)
-    # The average is a deep copy of the plain network, taken before quantizers
-    # are attached, so it is evaluated in full precision.
-    swa_model = AveragedModel(net)
-    # The optimizer's rounding noise depends only on (seed, step): identical
-    # across data-parallel replicas and restored exactly on resume.
-    noise = quantization.StepNoise(args.seed)
-    quantizers, backend = build_quantizers(args, device, noise)
-    for kind in quantization.NUMBER_KINDS:
-        print(f"{kind:10}: {quantizers[kind] or 'full precision'}")
-    sites = quantization.insert_quantizers(net, quantizers["activate"], quantizers["error"],
-                                           args.quant_placement)
-    print(f"Model {args.model}: {sites} activation quantizers ({args.quant_placement} placement), "
-          f"device {device}, run directory {run_dir}")
-    optimizer = quantization.make_optimizer(net, quantizers, args.lr_init, args.momentum, args.wd, noise)
-
-    start_epoch, history = 0, []
-    if args.resume:
-        checkpoint = utils.load_checkpoint(args.resume)
-        start_epoch, history = restore(checkpoint, args.resume, args, net, swa_model,
-                                       optimizer, train_loader)
-        print(f"Resumed from {args.resume} after epoch {start_epoch}")
+    training = Training(args, device, run_dir)
+    if resume_path:
+        training.load_state_dict(utils.load_checkpoint(resume_path), resume_path)
+        print(f"Resumed from {resume_path} after epoch {training.epoch}, step {training.epoch_totals['steps']}")
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=run_dir)
+    # purge_step drops what an interrupted run logged after its checkpoint.
+    writer = SummaryWriter(log_dir=run_dir, purge_step=training.epoch + 1 if resume_path else None)
     results_path = os.path.join(run_dir, "results.json")
-    for epoch in range(start_epoch, args.epochs):
-        epoch_start = time.perf_counter()
-        completed = epoch + 1
-        lr = swa.schedule(epoch, args.lr_init, args.swa_start, args.swa_lr)
-        for group in optimizer.optim.param_groups:
-            group["lr"] = lr
-        train_loader.sampler.set_epoch(epoch)
-        train_res = utils.train_epoch(train_loader, net, optimizer, device,
-                                      f"epoch {completed}/{args.epochs}")
-
-        collected = swa.is_collection_epoch(epoch, args.swa_start, args.swa_c_epochs)
-        if collected:
-            swa_model.update_parameters(net)
-            update_bn(train_loader, swa_model, device)
-
-        test_res = swa_res = {"loss": None, "accuracy": None}
-        if completed % args.eval_freq == 0 or completed in (args.swa_start, args.epochs):
-            update_bn(train_loader, net, device)
-            test_res = utils.evaluate(test_loader, net, device, "test")
-            if swa_model.n_averaged > 0:
-                swa_res = utils.evaluate(test_loader, swa_model, device, "swa test")
-
-        record = {
-            "epoch": completed, "lr": lr,
-            "train_loss": train_res["loss"], "train_accuracy": train_res["accuracy"],
-            "train_time": train_res["time"],
-            "test_loss": test_res["loss"], "test_accuracy": test_res["accuracy"],
-            "swa_test_loss": swa_res["loss"], "swa_test_accuracy": swa_res["accuracy"],
-            "swa_n": int(swa_model.n_averaged), "collected": collected,
-            "epoch_time": time.perf_counter() - epoch_start,
-        }
-        history.append(record)
-        print(utils.table_row([completed, lr, train_res["loss"], train_res["accuracy"], train_res["time"],
-                               test_res["loss"], test_res["accuracy"], swa_res["loss"],
-                               swa_res["accuracy"]], epoch), flush=True)
-        utils.log_scalars(writer, record)
-
-        if completed % args.save_freq == 0 or completed in (args.swa_start, args.epochs):
-            utils.save_checkpoint(run_dir, completed, **training_state(
-                args, net, swa_model, optimizer, train_loader, history))
-        finished = completed == args.epochs
-        utils.write_json_atomic(results_path, {
-            "status": "finished" if finished else "running",
-            "config": vars(args),
-            "activation_quantizers": sites,
-            "quant_backend": backend.name if backend else None,
-            "epochs": history,
-            **summary(history, args),
-        })
+    with StopRequest() as stop:
+        while training.epoch < args.epochs:
+            epoch_start = time.perf_counter()
+            try:
+                finished_epoch = training.train_steps(stop)
+            except utils.Diverged as diverged:
+                checkpoints = utils.list_checkpoints(run_dir)
+                last_good = checkpoints[-1][2] if checkpoints else "none"
+                utils.write_json_atomic(results_path, {
+                    **training.results("diverged"),
+                    "diverged_at": {"epoch": training.epoch + 1, "step": diverged.step}})
+                raise UserError(f"the loss became {diverged.loss} at epoch {training.epoch + 1}, step "
+                                f"{diverged.step}; stopped (last good checkpoint: {last_good}); "
+                                f"lower --lr_init or --swa_lr, or raise the word lengths") from None
+            if finished_epoch:
+                record = training.finish_epoch()
+                record["epoch_time"] = time.perf_counter() - epoch_start
+                utils.log_scalars(writer, record)
+                completed = training.epoch
+                if completed % args.save_freq == 0 or completed in (args.swa_start, args.epochs) or stop:
+                    path = training.save()
+                finished = completed == args.epochs
+                utils.write_json_atomic(results_path, training.results("finished" if finished else "running"))
+            else:
+                path = training.save()
+            if stop and training.epoch < args.epochs:
+                writer.close()
+                name = signal.Signals(stop.signal).name
+                print(f"Stopped by {name} at epoch {training.epoch + 1}, step {training.epoch_totals['steps']}; "
+                      f"saved {path}. Resume with:\n{resume_command(path)}", flush=True)
+                sys.exit(128 + stop.signal)
     writer.close()
 
-    final = summary(history, args)
+    final = summary(training.history, args)
     print("Done")
     print(f"SGD Error : {final['sgd_error']}")
     print(f"SWA Error : {final['swa_error']}")

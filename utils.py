@@ -1,9 +1,13 @@
 """Data, the train/eval loops, the per-epoch table, TensorBoard scalars,
 checkpoints, results.json and random-generator state."""
 
+import itertools
 import json
+import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
 
@@ -13,8 +17,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.datasets as datasets
 import torchvision.transforms as transforms
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
+
+from seeding import mix_seed
 
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -62,19 +68,66 @@ def load_cifar(dataset, data_path):
     return train_set, test_set
 
 
-def make_loaders(train_set, test_set, batch_size, num_workers, seed, pin_memory):
-    """Loaders whose order and augmentation are set by `seed` and the epoch.
+class SeededAugmentation(Dataset):
+    """The training set with random augmentation that depends only on
+    (seed, epoch, sample index).
 
-    The train order comes from a DistributedSampler (one replica here): its
-    permutation is a function of (seed, epoch) via `set_epoch`, which is what a
-    resumed or data-parallel run needs.
+    torchvision's transforms draw from torch's global generator; each sample
+    is transformed under a generator forked and seeded for it, so the
+    augmentation does not depend on the number of loader workers, on which
+    worker loads a sample, or on where in an epoch a resumed run starts.
     """
-    train_sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=seed)
+
+    def __init__(self, dataset, seed):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
+            return self.dataset[index]
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (its order is a function of seed and epoch, per
+    replica) that can start `start` samples into the epoch, for a run
+    resumed part-way through one."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+def make_loaders(train_set, test_set, batch_size, num_workers, seed, pin_memory):
+    """Loaders whose order and augmentation are functions of `seed` and the
+    epoch (set with `set_epoch`)."""
+    train_set = SeededAugmentation(train_set, seed)
+    train_sampler = EpochSampler(train_set, seed=seed)
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
     train_loader = DataLoader(train_set, sampler=train_sampler,
                               generator=torch.Generator().manual_seed(seed), **common)
     test_loader = DataLoader(test_set, shuffle=False, **common)
     return train_loader, test_loader
+
+
+def set_epoch(loader, epoch, start_step=0):
+    """Point the train loader at `epoch`, skipping its first `start_step` batches."""
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.start = start_step * loader.batch_size
+    loader.dataset.set_epoch(epoch)
 
 
 # ---------------------------------------------------------------- loops
@@ -84,22 +137,51 @@ def _progress(loader, description):
                 file=sys.stderr, dynamic_ncols=True)
 
 
-def train_epoch(loader, model, optimizer, device, description="train"):
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step, loss):
+        super().__init__(f"loss {loss} at step {step}")
+        self.step = step
+        self.loss = loss
+
+
+def new_epoch_totals():
+    return {"steps": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+
+
+def train_epoch(loader, model, optimizer, device, totals, description="train", after_step=None):
+    """Train over `loader`, adding to `totals` (see new_epoch_totals), which a
+    checkpoint can carry across an interruption. After each step
+    `after_step(totals)` is called; when it returns True the epoch stops
+    early. A non-finite loss raises Diverged before the weights change.
+    Returns whether the epoch ran to its end."""
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for inputs, targets in _progress(loader, description):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         output = model(inputs)
         loss = F.cross_entropy(output, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise Diverged(totals["steps"] + 1, loss_value)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * inputs.size(0)
-        correct += (output.argmax(1) == targets).sum().item()
-        seen += inputs.size(0)
-    return {"loss": loss_sum / seen, "accuracy": 100.0 * correct / seen,
-            "time": time.perf_counter() - start}
+        totals["steps"] += 1
+        totals["loss_sum"] += loss_value * inputs.size(0)
+        totals["correct"] += (output.argmax(1) == targets).sum().item()
+        totals["seen"] += inputs.size(0)
+        totals["time"] += time.perf_counter() - start
+        start = time.perf_counter()
+        if after_step is not None and after_step(totals):
+            return False
+    return True
+
+
+def epoch_result(totals):
+    return {"loss": totals["loss_sum"] / totals["seen"],
+            "accuracy": 100.0 * totals["correct"] / totals["seen"], "time": totals["time"]}
 
 
 @torch.no_grad()
@@ -179,20 +261,55 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory, epoch, **state):
-    """Save `checkpoint-<epoch>.pt` atomically (temporary file, then rename)."""
-    path = os.path.join(directory, f"checkpoint-{epoch}.pt")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pt")
+
+
+def checkpoint_name(epoch, step=0):
+    """checkpoint-<epoch>.pt after `epoch` complete epochs (the references'
+    name), checkpoint-<epoch>-step<k>.pt after k more steps."""
+    return f"checkpoint-{epoch}.pt" if step == 0 else f"checkpoint-{epoch}-step{step}.pt"
+
+
+def list_checkpoints(directory):
+    """(epoch, step, path) of every checkpoint in `directory`, oldest first."""
+    found = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        match = CHECKPOINT_NAME.fullmatch(name)
+        if match:
+            found.append((int(match[1]), int(match[2] or 0), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def save_checkpoint(directory, state):
+    """Save `state` (with its "epoch" and "step") atomically (a synced
+    temporary file, then a rename), then delete the mid-epoch checkpoints it
+    supersedes."""
+    epoch, step = state["epoch"], state["step"]
+    path = os.path.join(directory, checkpoint_name(epoch, step))
     temporary = f"{path}.tmp"
-    torch.save({"epoch": epoch, **state}, temporary)
+    with open(temporary, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
+    for old_epoch, old_step, old_path in list_checkpoints(directory):
+        if old_step and (old_epoch, old_step) < (epoch, step):
+            os.remove(old_path)
     return path
 
 
 def load_checkpoint(path):
+    """A checkpoint's dict, loaded with weights_only=True."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; pass the path of a checkpoint-<epoch>.pt file to --resume")
+        raise UserError(f"checkpoint {path} does not exist; pass a checkpoint-<epoch>.pt file or auto to --resume")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise UserError(f"checkpoint {path} holds pickled objects other than tensors and plain values; "
+                            f"refusing to load it (it was not written by this train.py)") from None
+        raise UserError(f"checkpoint {path} is corrupt ({str(error).splitlines()[0]}); "
+                        f"resume from another checkpoint") from None
     except Exception as error:
-        raise UserError(f"checkpoint {path} cannot be loaded ({str(error).splitlines()[0]}); "
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({str(error).splitlines()[0]}); "
                         f"resume from another checkpoint") from None

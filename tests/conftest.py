@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from cifar_fixture import patch_torchvision_md5, write_fake_cifar
+from runs import LOW_PRECISION_RUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -51,3 +52,15 @@ def run_train(cifar_root, fake_cifar_env):
 
     run.data_path = cifar_root
     return run
+
+
+@pytest.fixture(scope="session")
+def low_precision_run(run_train, tmp_path_factory):
+    """One seeded 8-bit run on the CPU (the torch backend), with a checkpoint per epoch."""
+    run_dir = tmp_path_factory.mktemp("lp") / "run"
+    result = run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir)
+    assert result.returncode == 0, result.stderr
+    assert "torch backend" in result.stdout  # auto picks ours on the CPU
+    return run_dir
+
+

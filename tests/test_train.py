@@ -8,13 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from grid import on_block_grid
 
-EIGHT_BIT = ["--wl-weight", 8, "--wl-grad", 8, "--wl-activate", 8, "--wl-error", 8, "--wl-momentum", 8]
-SMALL = ["--batch_size", 16, "--num_workers", 0]
-
-
-def table_rows(stdout):
-    return [line.split() for line in stdout.splitlines() if line.strip() and line.split()[0].isdigit()
-            and len(line.split()) >= 6]
+from runs import EIGHT_BIT, LOW_PRECISION_RUN, SMALL, assert_same_run, table_rows
 
 
 def scalar_tags(run_dir):
@@ -87,39 +81,6 @@ def test_eight_bit_vgg16bn_on_cifar10(run_train, tmp_path):
     assert int(swa_state["module.features.1.num_batches_tracked"]) == 3  # one pass of 3 batches
     # The SGD model's statistics were recomputed before its evaluation, too.
     assert int(model["features.1.num_batches_tracked"]) == 3
-
-
-def assert_same_run(first, second, epochs):
-    """Bit-identical weights, SWA weights, momenta and per-epoch metrics."""
-    expected = torch.load(first / f"checkpoint-{epochs}.pt", weights_only=True)
-    actual = torch.load(second / f"checkpoint-{epochs}.pt", weights_only=True)
-    for part in ("model_state", "swa_state"):
-        assert expected[part].keys() == actual[part].keys()
-        for key, value in expected[part].items():
-            assert torch.equal(actual[part][key], value), (part, key)
-    for index, state in expected["optimizer_state"]["state"].items():
-        assert torch.equal(actual["optimizer_state"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
-    assert actual["noise_step"] == expected["noise_step"]
-    first_results = json.loads((first / "results.json").read_text())
-    second_results = json.loads((second / "results.json").read_text())
-    for ours, theirs in zip(second_results["epochs"], first_results["epochs"], strict=True):
-        for key in ("train_loss", "train_accuracy", "test_loss", "swa_test_loss", "lr", "swa_n", "collected"):
-            assert ours[key] == theirs[key], key
-    return first_results, second_results
-
-
-LOW_PRECISION_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 4, "--swa_start", 2,
-                     "--swa_c_epochs", 2, "--save_freq", 1, *EIGHT_BIT, "--wl-acc", 12, *SMALL]
-
-
-@pytest.fixture(scope="module")
-def low_precision_run(run_train, tmp_path_factory):
-    """One seeded 8-bit run on the CPU (the torch backend), with a checkpoint per epoch."""
-    run_dir = tmp_path_factory.mktemp("lp") / "run"
-    result = run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir)
-    assert result.returncode == 0, result.stderr
-    assert "torch backend" in result.stdout  # auto picks ours on the CPU
-    return run_dir
 
 
 def test_seeded_low_precision_cpu_runs_are_bit_identical(run_train, low_precision_run, tmp_path):

@@ -78,6 +78,46 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     state = utils.rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    path = utils.save_checkpoint(str(tmp_path), 1, rng=state)
+    path = utils.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "rng": state})
     utils.set_rng_state(torch.load(path, weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def batches(loader):
+    return [(inputs.clone(), targets.clone()) for inputs, targets in loader]
+
+
+def test_augmentation_does_not_depend_on_workers_or_on_where_an_epoch_starts(cifar_in_process):
+    train_set, test_set = utils.load_cifar("CIFAR10", str(cifar_in_process))
+    in_process, _ = utils.make_loaders(train_set, test_set, 8, 0, seed=4, pin_memory=False)
+    with_workers, _ = utils.make_loaders(train_set, test_set, 8, 2, seed=4, pin_memory=False)
+    utils.set_epoch(in_process, 3)
+    utils.set_epoch(with_workers, 3)
+    whole = batches(in_process)
+    torch.manual_seed(123)  # the global generator plays no part
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, batches(with_workers)))
+    utils.set_epoch(in_process, 3, start_step=2)
+    tail = batches(in_process)
+    assert len(tail) == len(whole) - 2
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole[2:], tail))
+    utils.set_epoch(in_process, 4)
+    assert not torch.equal(batches(in_process)[0][0], whole[0][0])
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = utils.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.ones(3)})
+
+    def crash(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        utils.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.zeros(3)})
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
+
+
+def test_mid_epoch_checkpoints_supersede_each_other(tmp_path):
+    for epoch, step in ((1, 0), (1, 1), (1, 2), (2, 0), (2, 1)):
+        utils.save_checkpoint(str(tmp_path), {"epoch": epoch, "step": step})
+    assert [(e, s) for e, s, _ in utils.list_checkpoints(str(tmp_path))] == [(1, 0), (2, 0), (2, 1)]

@@ -1,0 +1,34 @@
+"""Command lines and comparisons shared by the end-to-end tests."""
+
+import json
+
+import torch
+
+EIGHT_BIT = ["--wl-weight", 8, "--wl-grad", 8, "--wl-activate", 8, "--wl-error", 8, "--wl-momentum", 8]
+SMALL = ["--batch_size", 16, "--num_workers", 0]
+LOW_PRECISION_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 4, "--swa_start", 2,
+                     "--swa_c_epochs", 2, "--save_freq", 1, *EIGHT_BIT, "--wl-acc", 12, *SMALL]
+
+
+def table_rows(stdout):
+    return [line.split() for line in stdout.splitlines() if line.strip() and line.split()[0].isdigit()
+            and len(line.split()) >= 6]
+
+
+def assert_same_run(first, second, epochs):
+    """Bit-identical weights, SWA weights, momenta and per-epoch metrics."""
+    expected = torch.load(first / f"checkpoint-{epochs}.pt", weights_only=True)
+    actual = torch.load(second / f"checkpoint-{epochs}.pt", weights_only=True)
+    for part in ("model_state", "swa_state"):
+        assert expected[part].keys() == actual[part].keys()
+        for key, value in expected[part].items():
+            assert torch.equal(actual[part][key], value), (part, key)
+    for index, state in expected["optimizer_state"]["state"].items():
+        assert torch.equal(actual["optimizer_state"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert actual["noise_step"] == expected["noise_step"]
+    first_results = json.loads((first / "results.json").read_text())
+    second_results = json.loads((second / "results.json").read_text())
+    for ours, theirs in zip(second_results["epochs"], first_results["epochs"], strict=True):
+        for key in ("train_loss", "train_accuracy", "test_loss", "swa_test_loss", "lr", "swa_n", "collected"):
+            assert ours[key] == theirs[key], key
+    return first_results, second_results

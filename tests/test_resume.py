@@ -1,0 +1,203 @@
+"""Exact resume, interruption, safe checkpoints and the failures a user can cause."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from runs import LOW_PRECISION_RUN, SMALL, assert_same_run, table_rows
+
+FP_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 2, "--swa_start", 1, *SMALL]
+
+
+def start_train(fake_cifar_env, *args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                            env=fake_cifar_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(
+        run_train, fake_cifar_env, low_precision_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--save_every_steps", 1]
+    process = start_train(fake_cifar_env, *args)
+    wait_for(run_dir / "checkpoint-1-step2.pt", process)
+    process.kill()
+    process.wait()
+    newest = max(run_dir.glob("checkpoint-*.pt"), key=os.path.getmtime)
+    torch.load(newest, weights_only=True)  # a kill, even during a save, leaves the newest checkpoint whole
+
+    result = run_train(*args, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert f"Resumed from {newest}" in result.stdout
+    assert_same_run(low_precision_run, run_dir, epochs=4)
+    # Superseded mid-epoch checkpoints and leftovers of an interrupted save are gone.
+    assert list(run_dir.glob("checkpoint-*-step*.pt")) == []
+    assert list(run_dir.glob("*.tmp")) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_at_the_next_step_and_says_how_to_resume(
+        run_train, fake_cifar_env, low_precision_run, tmp_path, signum):
+    run_dir = tmp_path / "stopped"
+    args = [*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir]
+    process = start_train(fake_cifar_env, *args, "--save_every_steps", 1)
+    wait_for(run_dir / "checkpoint-2-step1.pt", process)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr
+    message = stdout.strip().splitlines()
+    assert message[-2].startswith(f"Stopped by {signal.Signals(signum).name} at epoch ")
+    command = message[-1]
+    assert command.startswith(sys.executable) and "--resume" in command
+    saved = command.split("--resume ")[-1].strip("'")
+    assert os.path.exists(saved)
+
+    result = run_train(*args, "--resume", saved)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(low_precision_run, run_dir, epochs=4)
+    # Only the newest mid-epoch checkpoint is kept; epoch checkpoints stay.
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == [
+        "checkpoint-1.pt", "checkpoint-2.pt", "checkpoint-3.pt", "checkpoint-4.pt"]
+
+
+def test_resume_auto_starts_fresh_in_an_empty_directory(run_train, tmp_path):
+    run_dir = tmp_path / "fresh"
+    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "Resumed" not in result.stdout
+    assert [int(row[0]) for row in table_rows(result.stdout)] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoint(run_train, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fp") / "run"
+    assert run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir).returncode == 0
+    return run_dir / "checkpoint-1.pt"
+
+
+def run_in_copy(run_train, tmp_path, checkpoint_bytes, *extra):
+    """Resume from a checkpoint with the given bytes in a directory holding a
+    finished run; returns the result and asserts the directory is untouched."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text('{"status": "finished"}')
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(checkpoint_bytes)
+    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", bad, *extra)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]
+    assert (run_dir / "results.json").read_text() == '{"status": "finished"}'
+    return result
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_truncated_checkpoint(run_train, fp_checkpoint, tmp_path):
+    data = fp_checkpoint.read_bytes()
+    one_line_error(run_in_copy(run_train, tmp_path, data[: len(data) // 2]), "truncated or corrupt")
+
+
+def test_corrupt_checkpoint(run_train, tmp_path):
+    one_line_error(run_in_copy(run_train, tmp_path, os.urandom(5000)), "bad.pt", "corrupt")
+
+
+def test_checkpoint_with_foreign_objects_is_refused(run_train, tmp_path):
+    import argparse
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"config": argparse.Namespace(model="PreResNet20")}, buffer)
+    one_line_error(run_in_copy(run_train, tmp_path, buffer.getvalue()), "other than tensors and plain values")
+
+
+def test_checkpoint_missing_parts(run_train, tmp_path):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "model_state": {}}, buffer)
+    one_line_error(run_in_copy(run_train, tmp_path, buffer.getvalue()), "lacks", "config")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--model", "VGG16"], "--model PreResNet20, this run has VGG16"),
+    (["--dataset", "CIFAR100"], "--dataset CIFAR10, this run has CIFAR100"),
+    (["--wl-weight", "8"], "--wl-weight -1, this run has 8"),
+])
+def test_mismatched_checkpoint(run_train, fp_checkpoint, tmp_path, flags, fragment):
+    one_line_error(run_in_copy(run_train, tmp_path, fp_checkpoint.read_bytes(), *flags), fragment)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--wl-weight", "0"], "--wl-weight: 0 is not a word length"),
+    (["--wl-error", "1"], "--wl-error: 1 is not a word length"),
+    (["--wl-grad", "33"], "--wl-grad: 33 is not a word length"),
+    (["--batch_size", "0"], "--batch_size: 0 must be positive"),
+    (["--epochs", "-3"], "--epochs: -3 must be positive"),
+    (["--swa_lr", "0"], "--swa_lr: 0 must be positive"),
+    (["--dataset", "MNIST"], "--dataset: invalid choice: 'MNIST'"),
+    (["--save_every_steps", "-1"], "--save_every_steps: -1 must not be negative"),
+])
+def test_invalid_flags(run_train, tmp_path, flags, fragment):
+    result = run_train("--data_path", run_train.data_path, "--model", "VGG16", "--dir", tmp_path / "run", *flags)
+    one_line_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_run_directory(run_train, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", blocker / "run")
+    one_line_error(result, "cannot write to run directory", "choose another --dir")
+
+
+def test_corrupt_data_file_in_a_run(run_train, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(run_train.data_path / "cifar10", data / "cifar10")
+    (data / "cifar10" / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")
+    result = run_train(*FP_RUN, "--data_path", data, "--dir", tmp_path / "run")
+    one_line_error(result, "missing or corrupt", "cifar-10-batches-py")
+
+
+def test_overwrite_replaces_only_the_previous_run(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("results.json", "checkpoint-7.pt", "checkpoint-7-step3.pt", "notes.txt"):
+        (run_dir / name).write_text("old")
+    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events"))
+    assert names == ["checkpoint-1.pt", "checkpoint-2.pt", "notes.txt", "results.json"]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(run_train, tmp_path):
+    run_dir = tmp_path / "diverged"
+    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--lr_init", 1e6,
+                       "--save_every_steps", 1)
+    one_line_error(result, "the loss became nan at epoch 1, step 3", "checkpoint-0-step2.pt")
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-0-step2.pt"]
+    torch.load(run_dir / "checkpoint-0-step2.pt", weights_only=True)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "diverged" and results["diverged_at"] == {"epoch": 1, "step": 3}
