@@ -35,3 +35,54 @@ def is_collection_epoch(epoch, swa_start, swa_c_epochs):
     completed = epoch + 1
     return completed >= swa_start and (completed - swa_start) % swa_c_epochs == 0
 
+
+
+class SWASchedule:
+    """Learning rate per step and when to average, over a whole run.
+
+    Steps are counted over the run (`step`: 0-based index of the step about
+    to be taken; `completed`: steps taken so far). Before swa_start the rate
+    follows `schedule` per epoch. From swa_start on it is either constant
+    (swa_lr, the seed's behaviour) or cyclical (Izmailov et al., 2018): in
+    each cycle of `cycle_steps` iterations it falls linearly from lr_max
+    towards swa_lr, reaching swa_lr at the cycle's last iteration.
+
+    Averaging: every `c_steps` steps of the SWA phase when set (by default
+    at each cycle's end for the cyclical rate), otherwise after every
+    `c_epochs`-th epoch from the one completing swa_start epochs on (the
+    original's convention).
+    """
+
+    def __init__(self, lr_init, swa_start, swa_lr, steps_per_epoch, cyclic=False, lr_max=None,
+                 cycle_steps=0, c_epochs=1, c_steps=0):
+        self.lr_init, self.swa_start, self.swa_lr = lr_init, swa_start, swa_lr
+        self.steps_per_epoch = steps_per_epoch
+        self.cyclic = cyclic
+        self.lr_max = lr_init if lr_max is None else lr_max
+        self.cycle_steps = cycle_steps or steps_per_epoch
+        self.c_epochs = c_epochs
+        self.c_steps = c_steps or (self.cycle_steps if cyclic else 0)
+
+    @property
+    def start_step(self):
+        return self.swa_start * self.steps_per_epoch
+
+    def lr(self, step):
+        epoch = step // self.steps_per_epoch
+        if epoch < self.swa_start or not self.cyclic:
+            return schedule(epoch, self.lr_init, self.swa_start, self.swa_lr)
+        iteration = step - self.start_step + 1
+        t = ((iteration - 1) % self.cycle_steps + 1) / self.cycle_steps
+        return (1 - t) * self.lr_max + t * self.swa_lr
+
+    def changes_within_epochs(self, step):
+        """Whether the rate of `step` may differ from its epoch's first step."""
+        return self.cyclic and step >= self.start_step
+
+    def collects_after(self, completed):
+        if self.c_steps:
+            phase_steps = completed - self.start_step
+            return phase_steps > 0 and phase_steps % self.c_steps == 0
+        if completed % self.steps_per_epoch:
+            return False
+        return is_collection_epoch(completed // self.steps_per_epoch - 1, self.swa_start, self.c_epochs)

@@ -11,15 +11,18 @@ same distribution: the value is rounded to `man` bits of mantissa after
 adding uniform random bits below the last kept bit, then truncated.
 
 Special values:
-- block floating point: a block whose largest magnitude is inf, NaN or at
-  least 2^126 becomes all NaN (its shared exponent is undefined or its
-  rebasing overflows); other blocks are unaffected. qtorch also gives NaN for
-  inf and NaN blocks, and for blocks at or above 2^126 ±(largest value)
-  with the sign of the CPU's default NaN: garbage either way;
+- block floating point: a block whose largest magnitude is inf or NaN
+  becomes all NaN (its shared exponent is undefined); in a block whose
+  largest magnitude is at least 2^126 the rebasing below overflows float32
+  and, as in qtorch, every value becomes ±(the block's largest value) with
+  the sign of the CPU's default NaN: garbage, reproduced bit for bit. Other
+  blocks are unaffected;
 - fixed point: NaN stays NaN, ±inf clamps to the range (or stays ±inf
   without clamping);
 - floating point: ±inf and NaN become the largest finite value of the format
-  (NaN with its sign bit), as qtorch's kernel does.
+  (NaN with its sign bit), except with 8 exponent bits, where they stay inf
+  and NaN and values that round past the largest float32 become inf, as in
+  qtorch's kernel.
 """
 
 import torch
@@ -27,6 +30,7 @@ import torch
 SIGN_BIT = -(1 << 31)  # 0x80000000 as an int32
 EXPONENT_FIELD = 0xFF << 23
 MANTISSA_BITS = 23
+OVERFLOWING_EXPONENT = 126 << 23  # 6 * 2^126 is beyond float32
 
 
 def _bits(x):
@@ -99,6 +103,8 @@ def block_max(x, dim):
     """Largest magnitude per block, broadcastable to x: the whole tensor for
     dim -1, else one block per index of `dim` (so each element of a 1-D
     tensor is its own block)."""
+    if not -1 <= dim < max(x.dim(), 1):
+        raise ValueError(f"block dim must be -1 or in [0, {x.dim() - 1}], got {dim}")
     if dim == -1:
         return torch.maximum(x.amax(), -x.amin())
     if x.dim() <= 1:
@@ -123,7 +129,7 @@ def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None):
     rebased = (x + base).contiguous()
     _round_mantissa(_bits(rebased), wl, rounding, generator)
     largest = _float(max_exponent | _largest_mantissa(wl - 2))
-    if bool(((max_exponent == 0) & (peak != 0)).any()):
+    if bool((((max_exponent == 0) & (peak != 0)) | (max_exponent >= OVERFLOWING_EXPONENT)).any()):
         return _clip_exactly(rebased - base, max_exponent, largest)
     # qtorch clips whatever rounded past the block's exponent to the largest
     # magnitude with wl - 2 fraction bits. In a block with a normal exponent
@@ -134,7 +140,8 @@ def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None):
 
 def _clip_exactly(quantized, max_exponent, largest):
     """qtorch's clip on the bits; needed where a block's largest magnitude is
-    subnormal, whose values above `largest` but below 2^-126 are kept."""
+    subnormal (values above `largest` but below 2^-126 are kept) or where
+    rebasing overflowed."""
     bits = _bits(quantized)
     overflow = (bits & EXPONENT_FIELD) > max_exponent
     return _float(torch.where(overflow, (bits & SIGN_BIT) | _bits(largest), bits))
@@ -145,6 +152,9 @@ def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stoch
     2^-fl in [-2^(wl-fl-1), 2^(wl-fl-1) - 2^-fl] (symmetric: the lowest value
     is dropped). Without clamp, only the precision is simulated."""
     _check(x, rounding)
+    if wl - fl > 128 or fl > 126:
+        raise ValueError(f"fixed point range and step must be normal float32 numbers "
+                         f"(wl - fl <= 128, fl <= 126), got wl {wl}, fl {fl}")
     scaled = torch.ldexp(x, torch.tensor(fl, dtype=torch.int32, device=x.device))
     # qtorch computes nearbyint((float)(a + r) - 0.5) with a double 0.5 and
     # r = 0.5 for nearest, r uniform in [0, 1) for stochastic.
@@ -165,6 +175,8 @@ def float_quantize(x, exp, man, rounding="stochastic", generator=None):
     """Floating point with `exp` exponent bits and `man` mantissa bits
     (without the hidden bit), with subnormals; no inf or NaN."""
     _check(x, rounding)
+    if not 2 <= exp <= 8 or not 0 <= man <= 22:
+        raise ValueError(f"floating point needs exp in [2, 8] and man in [0, 22], got {exp}, {man}")
     bits = _bits(x)
     exponent = ((bits >> 23) & 0xFF) - 127
     min_exponent = -((1 << (exp - 1)) - 2)

@@ -9,6 +9,7 @@ statistics.
 
 import argparse
 import glob
+import math
 import os
 import random
 import shlex
@@ -36,27 +37,23 @@ def word_length(text):
     return value
 
 
-def positive(kind):
+def number(kind, valid, requirement):
+    """An argparse type: a finite `kind` for which valid(value) holds."""
     def parse(text):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} must be positive")
+        if not math.isfinite(value) or not valid(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {requirement}")
         return value
     return parse
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must not be negative")
-    return value
+def positive(kind):
+    return number(kind, lambda value: value > 0, "positive")
 
 
-def non_negative_float(text):
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must not be negative")
-    return value
+non_negative_int = number(int, lambda value: value >= 0, "0 or more")
+non_negative_float = number(float, lambda value: value >= 0, "0 or more")
+seed_value = number(int, lambda value: 0 <= value < 2 ** 32, "in 0..2^32-1")  # NumPy's limit
 
 
 class ExitTwoParser(argparse.ArgumentParser):
@@ -77,7 +74,7 @@ def build_parser():
                            "downloaded there when absent")
     data.add_argument("--batch_size", type=positive(int), default=128, metavar="N",
                       help="input batch size (default: 128)")
-    data.add_argument("--num_workers", type=int, default=4, metavar="N",
+    data.add_argument("--num_workers", type=non_negative_int, default=4, metavar="N",
                       help="data loading processes (default: 4; 0 loads in the main process)")
 
     training = parser.add_argument_group("training")
@@ -91,7 +88,8 @@ def build_parser():
                           help="SGD momentum (default: 0.9)")
     training.add_argument("--wd", type=non_negative_float, default=1e-4,
                           help="weight decay (default: 1e-4)")
-    training.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
+    training.add_argument("--seed", type=seed_value, default=1, metavar="N",
+                          help="random seed, 0..2^32-1 (default: 1)")
     training.add_argument("--device", default="auto",
                           help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
 
@@ -103,6 +101,17 @@ def build_parser():
                            help="SWALP learning rate (default: 0.01)")
     averaging.add_argument("--swa_c_epochs", type=positive(int), default=1, metavar="N",
                            help="average the weights every N epochs (default: 1)")
+    averaging.add_argument("--swa_c_steps", type=non_negative_int, default=0, metavar="N",
+                           help="average every N iterations of the SWA phase instead of per epoch "
+                                "(default: 0; with the cyclic schedule: every cycle)")
+    averaging.add_argument("--swa_schedule", default="constant", choices=("constant", "cyclic"),
+                           help="learning rate from swa_start on: constant swa_lr (the seed), or cyclic: "
+                                "within each cycle falling linearly from --swa_lr_max to --swa_lr, set "
+                                "every iteration (default: constant)")
+    averaging.add_argument("--swa_lr_max", type=positive(float), default=None, metavar="LR",
+                           help="cyclic schedule: the rate at the start of each cycle (default: --lr_init)")
+    averaging.add_argument("--swa_cycle_steps", type=non_negative_int, default=0, metavar="N",
+                           help="cyclic schedule: iterations per cycle (default: 0, one epoch)")
 
     lowp = parser.add_argument_group("low precision (block floating point)")
     for kind, what in (("weight", "weights"), ("activate", "activations"), ("grad", "gradients"),
@@ -164,13 +173,18 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
-RUN_OUTPUTS = ("results.json", "checkpoint-*.pt", "events.out.tfevents.*")
+RUN_OUTPUTS = ("results.json", "checkpoint-*.pt", "events.out.tfevents.*",
+               os.path.join("steps", "events.out.tfevents.*"))
 PARTIAL_WRITES = ("results.json.tmp", "checkpoint-*.pt.tmp")
 
 
@@ -242,14 +256,22 @@ def build_quantizers(args, device, noise):
     return quantizers, backend
 
 
-STATE_DEFINING = ("dataset", "model", "small_block", "block_dim", "quant_placement", "batch_size") + tuple(
+# Flags a resumed run must share with its checkpoint: they shape the state or
+# the randomness, the data order or the schedule it continues.
+STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum", "wd", "swa_start", "swa_lr",
+                  "swa_c_epochs", "swa_c_steps", "swa_schedule", "swa_lr_max", "swa_cycle_steps", "rounding",
+                  "small_block", "block_dim", "quant_placement") + tuple(
     f"wl_{kind}" for kind in quantization.NUMBER_KINDS)
 CHECKPOINT_KEYS = {"epoch", "step", "config", "model_state", "swa_state", "optimizer_state", "weight_acc",
                    "noise_step", "rng", "loader_generator", "history", "epoch_totals"}
 
 
 def flag_name(key):
-    return "--" + (key.replace("_", "-") if key.startswith("wl_") else key)
+    """The command-line spelling of an argument's dest."""
+    for action in build_parser()._actions:
+        if action.dest == key:
+            return action.option_strings[0]
+    raise KeyError(key)
 
 
 class StopRequest:
@@ -302,6 +324,12 @@ class Training:
               f"device {device}, run directory {run_dir}")
         self.optimizer = quantization.make_optimizer(self.net, quantizers, args.lr_init, args.momentum, args.wd,
                                                      noise)
+        self.steps_per_epoch = len(self.train_loader)
+        self.schedule = swa.SWASchedule(
+            args.lr_init, args.swa_start, args.swa_lr, self.steps_per_epoch, cyclic=args.swa_schedule == "cyclic",
+            lr_max=args.swa_lr_max, cycle_steps=args.swa_cycle_steps, c_epochs=args.swa_c_epochs,
+            c_steps=args.swa_c_steps)
+        self.writer = self.step_writer = None  # TensorBoard, see open_logs
         # Position: `epoch` complete epochs, then `epoch_totals["steps"]` steps into the next.
         self.epoch = 0
         self.epoch_totals = utils.new_epoch_totals()
@@ -327,7 +355,7 @@ class Training:
         )
 
     def load_state_dict(self, checkpoint, path):
-        missing = CHECKPOINT_KEYS - set(checkpoint)
+        missing = CHECKPOINT_KEYS - set(checkpoint) if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
         if missing:
             raise UserError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; "
                             f"it was not written by this train.py")
@@ -342,7 +370,7 @@ class Training:
             self.optimizer.optim.load_state_dict(checkpoint["optimizer_state"])
         except (KeyError, RuntimeError, ValueError) as error:
             raise UserError(f"checkpoint {path} does not match this model "
-                            f"({str(error).strip().splitlines()[0]})") from None
+                            f"({utils.first_line(error)})") from None
         # Optimizer.load_state_dict replaces the group list; OptimLP must see the new one.
         self.optimizer.param_groups = self.optimizer.optim.param_groups
         if self.optimizer.acc_quant is not None:
@@ -355,61 +383,91 @@ class Training:
         self.epoch_totals = dict(checkpoint["epoch_totals"])
         self.history = list(checkpoint["history"])
 
+    def open_logs(self, resumed):
+        """TensorBoard writers: per-epoch scalars in the run directory indexed
+        by epoch, per-iteration ones in steps/ indexed by step. On resume,
+        purge_step drops what an interrupted run logged after its checkpoint."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(self.run_dir, purge_step=self.epoch + 1 if resumed else None)
+        self.step_writer = SummaryWriter(os.path.join(self.run_dir, "steps"),
+                                         purge_step=self.global_step + 1 if resumed else None)
+
+    def close_logs(self):
+        for writer in (self.writer, self.step_writer):
+            writer.close()
+
     def save(self):
         return utils.save_checkpoint(self.run_dir, self.state_dict())
 
+    @property
+    def global_step(self):
+        """Steps taken since the start of the run."""
+        return self.epoch * self.steps_per_epoch + self.epoch_totals["steps"]
+
     def train_steps(self, stop):
-        """Train the rest of the current epoch; False when stopped early."""
-        args = self.args
-        lr = swa.schedule(self.epoch, args.lr_init, args.swa_start, args.swa_lr)
-        for group in self.optimizer.optim.param_groups:
-            group["lr"] = lr
+        """Train the rest of the current epoch, averaging into the SWA model
+        where the schedule says; False when stopped early."""
+        args, schedule = self.args, self.schedule
         utils.set_epoch(self.train_loader, self.epoch, self.epoch_totals["steps"])
-        steps_per_epoch = self.epoch_totals["steps"] + len(self.train_loader)
+
+        def before_step(totals):
+            lr = schedule.lr(self.global_step)
+            for group in self.optimizer.optim.param_groups:
+                group["lr"] = lr
+            if schedule.changes_within_epochs(self.global_step):
+                self.step_writer.add_scalar("lr/iteration", lr, self.global_step + 1)
 
         def after_step(totals):
-            if args.save_every_steps and totals["steps"] < steps_per_epoch \
-                    and self.optimizer.noise.step % args.save_every_steps == 0:
+            completed = self.global_step
+            if schedule.collects_after(completed):
+                self.swa_model.update_parameters(self.net)
+                totals["collected_at"].append(completed)
+                self.step_writer.add_scalar("swa/collected", int(self.swa_model.n_averaged), completed)
+            if args.save_every_steps and totals["steps"] < self.steps_per_epoch \
+                    and completed % args.save_every_steps == 0:
                 self.save()
-            return bool(stop) and totals["steps"] < steps_per_epoch
+            return bool(stop) and totals["steps"] < self.steps_per_epoch
 
         try:
             return utils.train_epoch(self.train_loader, self.net, self.optimizer, self.device, self.epoch_totals,
-                                     f"epoch {self.epoch + 1}/{args.epochs}", after_step)
+                                     f"epoch {self.epoch + 1}/{args.epochs}", before_step, after_step)
         finally:
             utils.set_epoch(self.train_loader, self.epoch)
 
     def finish_epoch(self):
-        """Average, evaluate, log and checkpoint after the epoch's last step."""
+        """Evaluate, log and move on after the epoch's last step. BatchNorm
+        statistics are recomputed before each evaluation: the SGD model's, and
+        the SWA model's once for all the models averaged since."""
         args, epoch = self.args, self.epoch
         completed = epoch + 1
-        lr = swa.schedule(epoch, args.lr_init, args.swa_start, args.swa_lr)
+        lr = self.schedule.lr(epoch * self.steps_per_epoch)
         train_res = utils.epoch_result(self.epoch_totals)
-        collected = swa.is_collection_epoch(epoch, args.swa_start, args.swa_c_epochs)
-        if collected:
-            self.swa_model.update_parameters(self.net)
-            update_bn(self.train_loader, self.swa_model, self.device)
-
         test_res = swa_res = {"loss": None, "accuracy": None}
         if completed % args.eval_freq == 0 or completed in (args.swa_start, args.epochs):
             update_bn(self.train_loader, self.net, self.device)
             test_res = utils.evaluate(self.test_loader, self.net, self.device, "test")
             if self.swa_model.n_averaged > 0:
+                update_bn(self.train_loader, self.swa_model, self.device)
                 swa_res = utils.evaluate(self.test_loader, self.swa_model, self.device, "swa test")
 
+        swa_n = int(self.swa_model.n_averaged)
+        collected_at = list(self.epoch_totals["collected_at"])
         record = {
             "epoch": completed, "lr": lr,
             "train_loss": train_res["loss"], "train_accuracy": train_res["accuracy"],
             "train_time": train_res["time"],
             "test_loss": test_res["loss"], "test_accuracy": test_res["accuracy"],
             "swa_test_loss": swa_res["loss"], "swa_test_accuracy": swa_res["accuracy"],
-            "swa_n": int(self.swa_model.n_averaged), "collected": collected,
+            "swa_n": swa_n, "collected": bool(collected_at), "collected_at_steps": collected_at,
         }
         self.history.append(record)
         self.epoch, self.epoch_totals = completed, utils.new_epoch_totals()
         print(utils.table_row([completed, lr, train_res["loss"], train_res["accuracy"], train_res["time"],
-                               test_res["loss"], test_res["accuracy"], swa_res["loss"], swa_res["accuracy"]],
-                              epoch), flush=True)
+                               test_res["loss"], test_res["accuracy"], swa_res["loss"], swa_res["accuracy"],
+                               swa_n], epoch), flush=True)
+        if self.schedule.c_steps and collected_at:
+            print(f"     averaged after steps {', '.join(map(str, collected_at))}", flush=True)
         return record
 
     def results(self, status):
@@ -455,6 +513,39 @@ def resume_command(path):
     return shlex.join([sys.executable, sys.argv[0], *kept, "--resume", path])
 
 
+def train(training, stop):
+    """Run epochs until the end; returns the checkpoint saved when `stop`
+    was requested first, else None."""
+    args, run_dir = training.args, training.run_dir
+    results_path = os.path.join(run_dir, "results.json")
+    while training.epoch < args.epochs:
+        epoch_start = time.perf_counter()
+        try:
+            finished_epoch = training.train_steps(stop)
+        except utils.Diverged as diverged:
+            checkpoints = utils.list_checkpoints(run_dir)
+            last_good = checkpoints[-1][2] if checkpoints else "none"
+            utils.write_json_atomic(results_path, {
+                **training.results("diverged"),
+                "diverged_at": {"epoch": training.epoch + 1, "step": diverged.step}})
+            raise UserError(f"the loss became {diverged.loss} at epoch {training.epoch + 1}, step "
+                            f"{diverged.step}; stopped (last good checkpoint: {last_good}); "
+                            f"lower --lr_init or --swa_lr, or raise the word lengths") from None
+        if not finished_epoch:
+            return training.save()
+        record = training.finish_epoch()
+        record["epoch_time"] = time.perf_counter() - epoch_start
+        utils.log_scalars(training.writer, record)
+        completed = training.epoch
+        path = None
+        if completed % args.save_freq == 0 or completed in (args.swa_start, args.epochs) or stop:
+            path = training.save()
+        utils.write_json_atomic(results_path, training.results("finished" if completed == args.epochs else "running"))
+        if stop and completed < args.epochs:
+            return path
+    return None
+
+
 def run(args):
     if args.swa_start > args.epochs:
         raise UserError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}; "
@@ -470,44 +561,16 @@ def run(args):
     if resume_path:
         training.load_state_dict(utils.load_checkpoint(resume_path), resume_path)
         print(f"Resumed from {resume_path} after epoch {training.epoch}, step {training.epoch_totals['steps']}")
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    # purge_step drops what an interrupted run logged after its checkpoint.
-    writer = SummaryWriter(log_dir=run_dir, purge_step=training.epoch + 1 if resume_path else None)
-    results_path = os.path.join(run_dir, "results.json")
-    with StopRequest() as stop:
-        while training.epoch < args.epochs:
-            epoch_start = time.perf_counter()
-            try:
-                finished_epoch = training.train_steps(stop)
-            except utils.Diverged as diverged:
-                checkpoints = utils.list_checkpoints(run_dir)
-                last_good = checkpoints[-1][2] if checkpoints else "none"
-                utils.write_json_atomic(results_path, {
-                    **training.results("diverged"),
-                    "diverged_at": {"epoch": training.epoch + 1, "step": diverged.step}})
-                raise UserError(f"the loss became {diverged.loss} at epoch {training.epoch + 1}, step "
-                                f"{diverged.step}; stopped (last good checkpoint: {last_good}); "
-                                f"lower --lr_init or --swa_lr, or raise the word lengths") from None
-            if finished_epoch:
-                record = training.finish_epoch()
-                record["epoch_time"] = time.perf_counter() - epoch_start
-                utils.log_scalars(writer, record)
-                completed = training.epoch
-                if completed % args.save_freq == 0 or completed in (args.swa_start, args.epochs) or stop:
-                    path = training.save()
-                finished = completed == args.epochs
-                utils.write_json_atomic(results_path, training.results("finished" if finished else "running"))
-            else:
-                path = training.save()
-            if stop and training.epoch < args.epochs:
-                writer.close()
-                name = signal.Signals(stop.signal).name
-                print(f"Stopped by {name} at epoch {training.epoch + 1}, step {training.epoch_totals['steps']}; "
-                      f"saved {path}. Resume with:\n{resume_command(path)}", flush=True)
-                sys.exit(128 + stop.signal)
-    writer.close()
+    training.open_logs(resumed=resume_path is not None)
+    try:
+        with StopRequest() as stop:
+            saved = train(training, stop)
+    finally:
+        training.close_logs()
+    if saved:
+        print(f"Stopped by {signal.Signals(stop.signal).name} at epoch {training.epoch + 1}, step "
+              f"{training.epoch_totals['steps']}; saved {saved}. Resume with:\n{resume_command(saved)}", flush=True)
+        sys.exit(128 + stop.signal)
 
     final = summary(training.history, args)
     print("Done")

@@ -25,7 +25,7 @@ from seeding import mix_seed
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
-TABLE_COLUMNS = ["ep", "lr", "tr_loss", "tr_acc", "tr_time", "te_loss", "te_acc", "swa_te_loss", "swa_te"]
+TABLE_COLUMNS = ["ep", "lr", "tr_loss", "tr_acc", "tr_time", "te_loss", "te_acc", "swa_te_loss", "swa_te", "swa_n"]
 HEADER_EVERY = 40
 
 
@@ -147,19 +147,25 @@ class Diverged(Exception):
 
 
 def new_epoch_totals():
-    return {"steps": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+    """Running sums of the epoch in progress, and the steps after which the
+    SWA model collected a model (plain values, saved in checkpoints)."""
+    return {"steps": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0, "collected_at": []}
 
 
-def train_epoch(loader, model, optimizer, device, totals, description="train", after_step=None):
+def train_epoch(loader, model, optimizer, device, totals, description="train", before_step=None,
+                after_step=None):
     """Train over `loader`, adding to `totals` (see new_epoch_totals), which a
-    checkpoint can carry across an interruption. After each step
-    `after_step(totals)` is called; when it returns True the epoch stops
-    early. A non-finite loss raises Diverged before the weights change.
-    Returns whether the epoch ran to its end."""
+    checkpoint can carry across an interruption. `before_step(totals)` runs
+    before each step (to set its learning rate); `after_step(totals)` after
+    it, and when it returns True the epoch stops early. A non-finite loss
+    raises Diverged before the weights change. Returns whether the epoch ran
+    to its end."""
     model.train()
     start = time.perf_counter()
     for inputs, targets in _progress(loader, description):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if before_step is not None:
+            before_step(totals)
         output = model(inputs)
         loss = F.cross_entropy(output, targets)
         loss_value = loss.item()
@@ -308,8 +314,14 @@ def load_checkpoint(path):
         if "weights_only" in str(error) or "Unsupported global" in str(error):
             raise UserError(f"checkpoint {path} holds pickled objects other than tensors and plain values; "
                             f"refusing to load it (it was not written by this train.py)") from None
-        raise UserError(f"checkpoint {path} is corrupt ({str(error).splitlines()[0]}); "
+        raise UserError(f"checkpoint {path} is corrupt ({first_line(error)}); "
                         f"resume from another checkpoint") from None
     except Exception as error:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({str(error).splitlines()[0]}); "
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(error)}); "
                         f"resume from another checkpoint") from None
+
+
+def first_line(error):
+    """The first line of an exception's message, or its type when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

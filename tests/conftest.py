@@ -5,10 +5,7 @@ import sys
 import pytest
 
 from cifar_fixture import patch_torchvision_md5, write_fake_cifar
-from runs import LOW_PRECISION_RUN
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from runs import LOW_PRECISION_RUN, ROOT
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,14 @@
 """Command lines and comparisons shared by the end-to-end tests."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EIGHT_BIT = ["--wl-weight", 8, "--wl-grad", 8, "--wl-activate", 8, "--wl-error", 8, "--wl-momentum", 8]
 SMALL = ["--batch_size", 16, "--num_workers", 0]
@@ -32,3 +38,16 @@ def assert_same_run(first, second, epochs):
         for key in ("train_loss", "train_accuracy", "test_loss", "swa_test_loss", "lr", "swa_n", "collected"):
             assert ours[key] == theirs[key], key
     return first_results, second_results
+
+
+def start_train(fake_cifar_env, *args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                            env=fake_cifar_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)

@@ -2,7 +2,7 @@ import json
 import os
 import subprocess
 
-from conftest import ROOT
+from runs import ROOT
 
 
 def test_example_sh_runs_the_seed_experiment_and_passes_arguments_through(fake_cifar_env, cifar_root, tmp_path):

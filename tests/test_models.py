@@ -31,11 +31,11 @@ def test_models_build_and_run(name, params):
 
 def test_preresnet164_has_164_weighted_layers_in_bottlenecks():
     net = models.build_model("PreResNet164", num_classes=100)
-    blocks = net.blocks()
-    assert len(blocks) == 54 and all(len(block.convs()) == 3 for block in blocks)
-    # The stem convolution, 3 per bottleneck, and the classifier.
-    assert 1 + 3 * len(blocks) + 1 == 164
-    assert net.fc.out_features == 100
+    shortcuts = {block.downsample[0] for block in net.blocks() if block.downsample is not None}
+    main_path = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in shortcuts]
+    assert len(main_path) == 164
+    assert len(net.blocks()) == 54 and all(isinstance(block, type(net.blocks()[0])) for block in net.blocks())
+    assert type(net.blocks()[0]).__name__ == "Bottleneck" and net.fc.out_features == 100
 
 
 def test_vgg_layer_placement_follows_every_conv_and_linear_but_the_last():

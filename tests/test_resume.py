@@ -2,32 +2,15 @@
 
 import json
 import os
-import pickle
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT
-from runs import LOW_PRECISION_RUN, SMALL, assert_same_run, table_rows
+from runs import LOW_PRECISION_RUN, SMALL, assert_same_run, start_train, table_rows, wait_for
 
 FP_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 2, "--swa_start", 1, *SMALL]
-
-
-def start_train(fake_cifar_env, *args):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
-                            env=fake_cifar_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path, process, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(
@@ -130,18 +113,27 @@ def test_checkpoint_with_foreign_objects_is_refused(run_train, tmp_path):
     one_line_error(run_in_copy(run_train, tmp_path, buffer.getvalue()), "other than tensors and plain values")
 
 
-def test_checkpoint_missing_parts(run_train, tmp_path):
+@pytest.mark.parametrize("content", [{"epoch": 1, "model_state": {}}, [1, 2], torch.zeros(2)])
+def test_checkpoint_missing_parts(run_train, tmp_path, content):
     import io
 
     buffer = io.BytesIO()
-    torch.save({"epoch": 1, "model_state": {}}, buffer)
+    torch.save(content, buffer)
     one_line_error(run_in_copy(run_train, tmp_path, buffer.getvalue()), "lacks", "config")
+
+
+def test_empty_checkpoint_file(run_train, tmp_path):
+    one_line_error(run_in_copy(run_train, tmp_path, b""), "bad.pt", "truncated or corrupt")
 
 
 @pytest.mark.parametrize("flags, fragment", [
     (["--model", "VGG16"], "--model PreResNet20, this run has VGG16"),
     (["--dataset", "CIFAR100"], "--dataset CIFAR10, this run has CIFAR100"),
     (["--wl-weight", "8"], "--wl-weight -1, this run has 8"),
+    (["--small-block", "FC"], "--small-block None, this run has FC"),
+    (["--seed", "2"], "--seed 1, this run has 2"),
+    (["--wd", "0.5"], "--wd 0.0001, this run has 0.5"),
+    (["--swa_schedule", "cyclic"], "--swa_schedule constant, this run has cyclic"),
 ])
 def test_mismatched_checkpoint(run_train, fp_checkpoint, tmp_path, flags, fragment):
     one_line_error(run_in_copy(run_train, tmp_path, fp_checkpoint.read_bytes(), *flags), fragment)
@@ -155,7 +147,7 @@ def test_mismatched_checkpoint(run_train, fp_checkpoint, tmp_path, flags, fragme
     (["--epochs", "-3"], "--epochs: -3 must be positive"),
     (["--swa_lr", "0"], "--swa_lr: 0 must be positive"),
     (["--dataset", "MNIST"], "--dataset: invalid choice: 'MNIST'"),
-    (["--save_every_steps", "-1"], "--save_every_steps: -1 must not be negative"),
+    (["--save_every_steps", "-1"], "--save_every_steps: -1 must be 0 or more"),
 ])
 def test_invalid_flags(run_train, tmp_path, flags, fragment):
     result = run_train("--data_path", run_train.data_path, "--model", "VGG16", "--dir", tmp_path / "run", *flags)
@@ -187,7 +179,7 @@ def test_overwrite_replaces_only_the_previous_run(run_train, tmp_path):
         (run_dir / name).write_text("old")
     result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--overwrite")
     assert result.returncode == 0, result.stderr
-    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events"))
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events") and p.name != "steps")
     assert names == ["checkpoint-1.pt", "checkpoint-2.pt", "notes.txt", "results.json"]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
 

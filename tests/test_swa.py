@@ -74,3 +74,69 @@ def test_bn_statistics_of_the_swa_model_are_recomputed_over_the_data():
         expected = swa_model.module.conv1(inputs).mean(dim=(0, 2, 3))
     torch.testing.assert_close(first_bn.running_mean, expected, rtol=1e-4, atol=1e-5)
     assert int(first_bn.num_batches_tracked) == 3
+
+
+def test_constant_swa_rate_switches_at_the_first_step_of_swa_start():
+    schedule = swa.SWASchedule(lr_init=0.1, swa_start=3, swa_lr=0.02, steps_per_epoch=10)
+    assert schedule.lr(29) == swa.schedule(2, 0.1, 3, 0.02)
+    assert [schedule.lr(step) for step in (30, 35, 99)] == [0.02] * 3
+    assert not any(schedule.changes_within_epochs(step) for step in range(100))
+
+
+def test_cyclic_rate_falls_from_lr_max_to_swa_lr_within_each_cycle():
+    schedule = swa.SWASchedule(lr_init=0.1, swa_start=3, swa_lr=0.001, steps_per_epoch=10, cyclic=True,
+                               lr_max=0.05, cycle_steps=4)
+    first = 0.75 * 0.05 + 0.25 * 0.001
+    assert schedule.lr(29) == swa.schedule(2, 0.1, 3, 0.001)   # still the decay phase
+    assert schedule.lr(30) == pytest.approx(first)               # the first iteration of the first cycle
+    assert schedule.lr(31) == pytest.approx(0.5 * 0.05 + 0.5 * 0.001)
+    assert schedule.lr(33) == pytest.approx(0.001)               # a cycle's last iteration: swa_lr
+    assert schedule.lr(34) == pytest.approx(first)               # the next cycle starts again high
+    assert schedule.lr(41) == pytest.approx(0.001)
+    assert not schedule.changes_within_epochs(29) and schedule.changes_within_epochs(30)
+
+
+def test_cyclic_defaults_one_cycle_per_epoch_from_lr_init():
+    schedule = swa.SWASchedule(lr_init=0.1, swa_start=1, swa_lr=0.01, steps_per_epoch=5, cyclic=True)
+    assert schedule.cycle_steps == 5 and schedule.lr_max == 0.1
+    assert [round(schedule.lr(step), 6) for step in range(5, 10)] == [0.082, 0.064, 0.046, 0.028, 0.01]
+
+
+@pytest.mark.parametrize("options, collected", [
+    ({}, [30, 40, 50]),                                    # after each epoch from swa_start's on
+    ({"c_epochs": 2}, [30, 50]),
+    ({"c_steps": 5}, [35, 40, 45, 50]),                    # every 5 iterations of the SWA phase
+    ({"cyclic": True, "cycle_steps": 4}, [34, 38, 42, 46, 50]),  # at each cycle's end
+    ({"cyclic": True, "cycle_steps": 4, "c_steps": 8}, [38, 46]),
+])
+def test_collection_steps(options, collected):
+    schedule = swa.SWASchedule(lr_init=0.1, swa_start=3, swa_lr=0.01, steps_per_epoch=10, **options)
+    assert [step for step in range(1, 51) if schedule.collects_after(step)] == collected
+
+
+def test_models_collected_within_an_epoch_are_averaged(cifar_in_process, tmp_path):
+    import train
+
+    args = train.build_parser().parse_args([
+        "--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "2", "--swa_start", "1",
+        "--swa_c_steps", "1", "--batch_size", "16", "--num_workers", "0", "--dir", str(tmp_path)])
+    training = train.Training(args, torch.device("cpu"), str(tmp_path))
+    training.open_logs(resumed=False)
+    collected = []
+    original = training.swa_model.update_parameters
+
+    def record(net):
+        collected.append([p.detach().clone() for p in net.parameters()])
+        original(net)
+
+    training.swa_model.update_parameters = record
+    for _ in range(2):
+        assert training.train_steps(stop=False)
+        training.finish_epoch()
+    training.close_logs()
+    steps = training.steps_per_epoch
+    assert [record["collected_at_steps"] for record in training.history] == [[], list(range(steps + 1, 2 * steps + 1))]
+    assert int(training.swa_model.n_averaged) == len(collected) == steps
+    for index, averaged in enumerate(training.swa_model.module.parameters()):
+        mean = torch.stack([weights[index] for weights in collected]).double().mean(0)
+        torch.testing.assert_close(averaged.double(), mean, rtol=1e-6, atol=1e-7)

@@ -20,12 +20,13 @@ def scalar_tags(run_dir):
 def check_run(result, run_dir, epochs, swa_start, checkpoints):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    header = "ep        lr    tr_loss    tr_acc    tr_time    te_loss    te_acc  swa_te_loss    swa_te"
-    assert any(line.strip() == header for line in lines)
+    header = ["ep", "lr", "tr_loss", "tr_acc", "tr_time", "te_loss", "te_acc", "swa_te_loss", "swa_te", "swa_n"]
+    assert any(line.split() == header for line in lines)
     rows = table_rows(result.stdout)
     assert [int(row[0]) for row in rows] == list(range(1, epochs + 1))
-    assert all(len(row) == 7 for row in rows[:swa_start - 1])  # no SWA columns before averaging
-    assert all(len(row) == 9 for row in rows[swa_start - 1:])
+    assert all(len(row) == 8 and row[-1] == "0" for row in rows[:swa_start - 1])  # no SWA test before averaging
+    assert all(len(row) == 10 for row in rows[swa_start - 1:])
+    assert [int(row[-1]) for row in rows[swa_start - 1:]] == list(range(1, epochs - swa_start + 2))
     assert lines[-2].startswith("SGD Error : ") and lines[-1].startswith("SWA Error : ")
 
     results = json.loads((run_dir / "results.json").read_text())
@@ -132,6 +133,11 @@ def test_help_explains_every_flag(run_train):
     (["--wl-weight", 1], "--wl-weight: 1 is not a word length"),
     (["--wl-acc", 40], "--wl-acc: 40 is not a word length"),
     (["--lr_init", 0], "--lr_init: 0 must be positive"),
+    (["--lr_init", "nan"], "--lr_init: nan must be positive"),
+    (["--wd", "inf"], "--wd: inf must be 0 or more"),
+    (["--seed", -1], "--seed: -1 must be in 0..2^32-1"),
+    (["--num_workers", -1], "--num_workers: -1 must be 0 or more"),
+    (["--device", "mps"], "--device mps is not supported"),
     (["--model", "ResNet1000"], "invalid choice: 'ResNet1000'"),
     (["--swa_start", 5], "--swa_start 5 is beyond --epochs 2"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),

@@ -65,7 +65,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
 
 
 def test_table_reprints_its_header_every_40_epochs():
-    values = [1, 0.05, 2.3, 10.0, 1.0, 2.2, 12.0, None, None]
+    values = [1, 0.05, 2.3, 10.0, 1.0, 2.2, 12.0, None, None, 0]
     assert utils.table_row(values, 0).splitlines()[1].split() == utils.TABLE_COLUMNS
     assert len(utils.table_row(values, 1).splitlines()) == 1
     assert len(utils.table_row(values, 40).splitlines()) == 4
