@@ -1,0 +1,1 @@
+"""Convex experiments of the SWALP paper's analysis (see README.md here)."""
