@@ -35,7 +35,14 @@ BLOCK_DIMS = ("B", "BC")
 # only the sign. -1 on the command line means full precision.
 MIN_WL, MAX_WL = 2, 22
 NUMBER_KINDS = ("weight", "activate", "grad", "error", "momentum", "acc")
+KIND_TAGS = {"weight": "W", "activate": "A", "grad": "G", "error": "E", "momentum": "M", "acc": "Acc"}
 BACKENDS = ("auto", "torch", "qtorch")
+
+
+def precision_tag(word_lengths):
+    """FP, or the word lengths that are set, e.g. W8A8G8E8M8Acc8."""
+    tags = [f"{KIND_TAGS[kind]}{wl}" for kind, wl in word_lengths.items() if wl != -1]
+    return "".join(tags) if tags else "FP"
 
 
 class Backend(NamedTuple):

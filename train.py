@@ -163,8 +163,8 @@ def word_lengths(args):
 
 
 def precision_tag(args):
-    tags = [f"{kind[0].upper()}{wl}" for kind, wl in word_lengths(args).items() if wl != -1]
-    return "".join(tags) if tags else "FP"
+    """FP, or the word lengths that are set, e.g. W8A8G8E8M8."""
+    return quantization.precision_tag(word_lengths(args))
 
 
 def resolve_device(name):

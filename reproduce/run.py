@@ -1,0 +1,171 @@
+"""Run the paper's experiments: full precision and 8 bits, for N seeds.
+
+One full-precision run gives SGD-FP and SWA-FP, one 8-bit run SGD-LP and
+SWALP. Each (dataset, model, precision, seed) gets its own run directory
+`<out>/<dataset>-<model>-<precision>/seed<seed>`; finished runs are skipped
+and interrupted ones continue from their newest checkpoint (`--resume auto`),
+so the same command can be repeated until everything is done. With `--gpus`
+runs go side by side, one per GPU (CUDA_VISIBLE_DEVICES).
+
+    python reproduce/run.py --data_path ./data --seeds 1 2 3 [--gpus 0,1,2,3] [--dry-run] [-- extra train.py flags]
+
+Then `python reproduce/report.py <out>` prints the table.
+"""
+
+import argparse
+import glob
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+
+# The paper's hyper-parameters, from the reference scripts (VGG: the seed's
+# example.sh and the original's block_vgg_swa.sh; PreResNet164: the original's
+# block_resnet_swa.sh).
+HYPERPARAMETERS = {
+    "VGG16": {"epochs": 300, "lr_init": 0.05, "swa_start": 200, "swa_lr": 0.01, "wd": 5e-4},
+    "PreResNet164": {"epochs": 225, "lr_init": 0.1, "swa_start": 150, "swa_lr": 0.01, "wd": 3e-4},
+}
+# "All numbers quantized down to 8 bits, including the gradient accumulators",
+# with the original's layout: biases share one exponent per tensor.
+PRECISIONS = {
+    "fp": [],
+    "lp8": ["--wl-weight", "8", "--wl-activate", "8", "--wl-grad", "8", "--wl-error", "8", "--wl-momentum", "8",
+            "--wl-acc", "8", "--rounding", "stochastic", "--small-block", "FC", "--block-dim", "B"],
+}
+
+
+@dataclass
+class Job:
+    name: str
+    run_dir: str
+    command: list = field(default_factory=list)
+
+    def status(self):
+        """finished, diverged, partial (has outputs) or new."""
+        try:
+            with open(os.path.join(self.run_dir, "results.json")) as handle:
+                return json.load(handle).get("status", "partial")
+        except FileNotFoundError:
+            return "partial" if os.path.isdir(self.run_dir) and os.listdir(self.run_dir) else "new"
+        except (OSError, ValueError):
+            return "partial"
+
+
+def make_jobs(args):
+    jobs = []
+    for dataset in args.datasets:
+        for model in args.models:
+            hyper = HYPERPARAMETERS[model]
+            for precision in args.precisions:
+                for seed in args.seeds:
+                    name = f"{dataset}-{model}-{precision}"
+                    run_dir = os.path.join(args.out, name, f"seed{seed}")
+                    command = [sys.executable, TRAIN, "--dataset", dataset, "--data_path", args.data_path,
+                               "--model", model, "--seed", str(seed), "--dir", run_dir, "--resume", "auto"]
+                    for key, value in hyper.items():
+                        command += [f"--{key}", str(value)]
+                    command += PRECISIONS[precision] + args.extra
+                    jobs.append(Job(f"{name} seed {seed}", run_dir, command))
+    return jobs
+
+
+def launch(job, gpu):
+    """Run one job to its end, its output appended to <run_dir>/train.log;
+    returns its exit code. A run that stopped before its first checkpoint
+    has nothing to resume and starts afresh."""
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    os.makedirs(job.run_dir, exist_ok=True)
+    command = list(job.command)
+    if not glob.glob(os.path.join(glob.escape(job.run_dir), "checkpoint-*.pt")):
+        at = command.index("--resume")
+        command[at:at + 2] = ["--overwrite"]
+    with open(os.path.join(job.run_dir, "train.log"), "a") as log:
+        return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+
+
+def run_jobs(jobs, gpus, start=launch, report=print):
+    """Run `jobs`, one at a time per entry of `gpus` (None: one at a time
+    on whatever train.py picks); returns the jobs that failed."""
+    slots = queue.Queue()
+    for gpu in gpus or [None]:
+        slots.put(gpu)
+    failed, lock, threads = [], threading.Lock(), []
+
+    def work(job, gpu):
+        try:
+            code = start(job, gpu)
+            with lock:
+                where = "" if gpu is None else f" (GPU {gpu})"
+                report(f"{'done' if code == 0 else f'FAILED (exit {code})'}: {job.name}{where}")
+                if code != 0:
+                    failed.append(job)
+        finally:
+            slots.put(gpu)
+
+    for job in jobs:
+        gpu = slots.get()
+        with lock:
+            report(f"start: {job.name}" + ("" if gpu is None else f" on GPU {gpu}"))
+        thread = threading.Thread(target=work, args=(job, gpu))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    return failed
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Flags after -- go to every train.py command (and override its own).")
+    parser.add_argument("--data_path", required=True, help="passed to train.py")
+    parser.add_argument("--out", default=os.path.join("runs", "paper"), help="root of the run directories")
+    parser.add_argument("--datasets", nargs="+", default=["CIFAR10", "CIFAR100"], choices=["CIFAR10", "CIFAR100"])
+    parser.add_argument("--models", nargs="+", default=["VGG16"], choices=sorted(HYPERPARAMETERS))
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids to run on side by side, e.g. 0,1,2,3")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped")
+    args = parser.parse_args(argv)
+    args.extra = extra
+    args.gpus = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    jobs = make_jobs(args)
+    todo = []
+    for job in jobs:
+        status = job.status()
+        if status in ("finished", "diverged"):
+            print(f"skip ({status}): {job.name}")
+        else:
+            todo.append(job)
+            if args.dry_run:
+                print(f"{'continue' if status == 'partial' else 'run'}: {shlex.join(job.command)}")
+    if args.dry_run or not todo:
+        print(f"{len(todo)} of {len(jobs)} runs to do")
+        return
+    failed = run_jobs(todo, args.gpus)
+    print(f"{len(todo) - len(failed)} of {len(todo)} runs done; logs in <run dir>/train.log")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
