@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+import distributed
 import models
 import quantization
 import swa
 import utils
+from seeding import mix_seed
 from utils import UserError
 
 
@@ -67,38 +69,39 @@ class ExitTwoParser(argparse.ArgumentParser):
 def build_parser():
     parser = ExitTwoParser(description="SWALP training (SGD and SWA in low precision).")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="CIFAR10", choices=sorted(utils.NUM_CLASSES),
+    data.add_argument("--dataset", default="CIFAR10", choices=utils.DATASETS,
                       help="dataset name (default: CIFAR10)")
     data.add_argument("--data_path", required=True, metavar="PATH",
-                      help="folder holding <dataset lower-case>/ with the python version of CIFAR; "
-                           "downloaded there when absent")
-    data.add_argument("--batch_size", type=positive(int), default=128, metavar="N",
-                      help="input batch size (default: 128)")
+                      help="CIFAR: folder holding <dataset lower-case>/ with the python version of CIFAR, "
+                           "downloaded there when absent; ImageNet: folder holding train/ and val/ with one "
+                           "folder of images per class")
+    data.add_argument("--batch_size", type=positive(int), default=None, metavar="N",
+                      help="input batch size per process (default: 128; ImageNet: 32)")
     data.add_argument("--num_workers", type=non_negative_int, default=4, metavar="N",
                       help="data loading processes (default: 4; 0 loads in the main process)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--model", required=True, choices=sorted(models.MODELS), metavar="MODEL",
                           help=f"model name: {', '.join(models.MODELS)}")
-    training.add_argument("--epochs", type=positive(int), default=300, metavar="N",
-                          help="number of epochs to train (default: 300)")
-    training.add_argument("--lr_init", type=positive(float), default=0.05, metavar="LR",
-                          help="initial learning rate (default: 0.05)")
+    training.add_argument("--epochs", type=positive(int), default=None, metavar="N",
+                          help="number of epochs to train (default: 300; ImageNet: 90)")
+    training.add_argument("--lr_init", type=positive(float), default=None, metavar="LR",
+                          help="initial learning rate (default: 0.05; ImageNet: 0.1)")
     training.add_argument("--momentum", type=non_negative_float, default=0.9, metavar="M",
                           help="SGD momentum (default: 0.9)")
-    training.add_argument("--wd", type=non_negative_float, default=1e-4,
-                          help="weight decay (default: 1e-4)")
+    training.add_argument("--wd", type=non_negative_float, default=None,
+                          help="weight decay (default: 1e-4; ImageNet: 1e-4)")
     training.add_argument("--seed", type=seed_value, default=1, metavar="N",
                           help="random seed, 0..2^32-1 (default: 1)")
     training.add_argument("--device", default="auto",
                           help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
 
     averaging = parser.add_argument_group("stochastic weight averaging")
-    averaging.add_argument("--swa_start", type=positive(int), default=200, metavar="N",
+    averaging.add_argument("--swa_start", type=positive(int), default=None, metavar="N",
                            help="number of epochs before averaging starts; epochs from "
-                                "swa_start on (0-based) run at swa_lr (default: 200)")
-    averaging.add_argument("--swa_lr", type=positive(float), default=0.01, metavar="LR",
-                           help="SWALP learning rate (default: 0.01)")
+                                "swa_start on (0-based) run at swa_lr (default: 200; ImageNet: 80)")
+    averaging.add_argument("--swa_lr", type=positive(float), default=None, metavar="LR",
+                           help="SWALP learning rate (default: 0.01; ImageNet: 0.001)")
     averaging.add_argument("--swa_c_epochs", type=positive(int), default=1, metavar="N",
                            help="average the weights every N epochs (default: 1)")
     averaging.add_argument("--swa_c_steps", type=non_negative_int, default=0, metavar="N",
@@ -156,6 +159,31 @@ def build_parser():
     output.add_argument("--overwrite", action="store_true",
                         help="start afresh in a --dir that already holds a run")
     return parser
+
+
+# The seed's CIFAR settings; for ImageNet a standard ResNet-18 recipe (0.1 for
+# a global batch of 256, i.e. 8 processes of 32) with the SWA phase's 10 last
+# epochs at a low constant rate.
+DATASET_DEFAULTS = {
+    "CIFAR10": {"batch_size": 128, "epochs": 300, "lr_init": 0.05, "wd": 1e-4, "swa_start": 200, "swa_lr": 0.01},
+    "ImageNet": {"batch_size": 32, "epochs": 90, "lr_init": 0.1, "wd": 1e-4, "swa_start": 80, "swa_lr": 0.001},
+}
+DATASET_DEFAULTS["CIFAR100"] = DATASET_DEFAULTS["CIFAR10"]
+
+
+def parse_args(argv=None):
+    """The command line, with the dataset's defaults where a flag is not given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    imagenet = args.dataset == "ImageNet"
+    if imagenet != (args.model in models.IMAGENET_MODELS):
+        parser.error(f"--model {args.model} is for {'CIFAR' if imagenet else 'ImageNet'}; use "
+                     + (", ".join(models.IMAGENET_MODELS) if imagenet else "a CIFAR model") +
+                     f" with --dataset {args.dataset}")
+    return args
 
 
 def word_lengths(args):
@@ -263,7 +291,7 @@ STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum
                   "small_block", "block_dim", "quant_placement") + tuple(
     f"wl_{kind}" for kind in quantization.NUMBER_KINDS)
 CHECKPOINT_KEYS = {"epoch", "step", "config", "model_state", "swa_state", "optimizer_state", "weight_acc",
-                   "noise_step", "rng", "loader_generator", "history", "epoch_totals"}
+                   "noise_step", "rng", "loader_generator", "history", "epoch_totals", "world_size"}
 
 
 def flag_name(key):
@@ -298,17 +326,30 @@ class StopRequest:
         return self.signal is not None
 
 
+class NullWriter:
+    """Stands in for TensorBoard's writer on every rank but the first."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
 class Training:
     """Everything a run holds, and the checkpoint that captures it."""
 
-    def __init__(self, args, device, run_dir):
-        self.args, self.device, self.run_dir = args, device, run_dir
+    def __init__(self, args, device, run_dir, world=distributed.World()):
+        self.args, self.device, self.run_dir, self.world = args, device, run_dir, world
         print(f"Loading dataset {args.dataset} from {args.data_path}")
-        train_set, test_set = utils.load_cifar(args.dataset, args.data_path)
-        self.train_loader, self.test_loader = utils.make_loaders(
-            train_set, test_set, args.batch_size, args.num_workers, args.seed, pin_memory=device.type == "cuda")
+        train_set, test_set, num_classes = utils.load_data(args.dataset, args.data_path)
+        self.train_loader, self.test_loader, self.bn_loader = utils.make_loaders(
+            train_set, test_set, args.batch_size, args.num_workers, args.seed, device.type == "cuda", world)
 
-        self.net = models.build_model(args.model, utils.NUM_CLASSES[args.dataset]).to(device)
+        self.net = models.build_model(args.model, num_classes).to(device)
         # The average is a deep copy of the plain network, taken before quantizers
         # are attached, so it is evaluated in full precision.
         self.swa_model = AveragedModel(self.net)
@@ -324,6 +365,12 @@ class Training:
               f"device {device}, run directory {run_dir}")
         self.optimizer = quantization.make_optimizer(self.net, quantizers, args.lr_init, args.momentum, args.wd,
                                                      noise)
+        # Gradients are averaged across replicas before OptimLP rounds them
+        # with noise shared by all ranks, so the replicas stay bit-identical.
+        self.train_net = self.net
+        if world.distributed:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.train_net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids)
         self.steps_per_epoch = len(self.train_loader)
         self.schedule = swa.SWASchedule(
             args.lr_init, args.swa_start, args.swa_lr, self.steps_per_epoch, cyclic=args.swa_schedule == "cyclic",
@@ -335,21 +382,44 @@ class Training:
         self.epoch_totals = utils.new_epoch_totals()
         self.history = []
 
+    def accumulators(self):
+        if self.optimizer.acc_quant is None:
+            return []
+        return [self.optimizer.weight_acc[p] for p in self.net.parameters()]
+
+    def replica_digest(self):
+        """A checksum of the bits of everything replicas must share: weights,
+        SWA weights, momentum buffers and accumulators."""
+        tensors = [*self.net.parameters(), *self.swa_model.parameters(), *self.accumulators(),
+                   *(state["momentum_buffer"] for state in self.optimizer.optim.state.values()
+                     if state.get("momentum_buffer") is not None)]
+        return sum(int(t.detach().contiguous().view(torch.int32).to(torch.int64).sum()) for t in tensors)
+
     def state_dict(self):
-        optimizer = self.optimizer
-        accumulators = ([optimizer.weight_acc[p] for p in self.net.parameters()]
-                        if optimizer.acc_quant is not None else [])
+        """The whole training state. A collective: every rank must call it.
+        The epoch's partial sums are summed over ranks; the random generators
+        of every rank are kept, in rank order."""
+        optimizer, world = self.optimizer, self.world
+        totals = dict(self.epoch_totals)
+        loss_sum, correct, seen = distributed.sum_across(
+            world, [totals["loss_sum"], totals["correct"], totals["seen"]], self.device)
+        totals.update(loss_sum=loss_sum, correct=int(correct), seen=int(seen))
+        digests = distributed.gather_objects(world, self.replica_digest())
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"data-parallel replicas have drifted apart: digests {digests}")
         return dict(
             epoch=self.epoch,
             step=self.epoch_totals["steps"],
-            epoch_totals=dict(self.epoch_totals),
+            epoch_totals=totals,
+            world_size=world.size,
+            replica_digests=digests,
             config=vars(self.args),
             model_state=self.net.state_dict(),
             swa_state=self.swa_model.state_dict(),
             optimizer_state=optimizer.optim.state_dict(),
-            weight_acc=accumulators,
+            weight_acc=self.accumulators(),
             noise_step=optimizer.noise.step,
-            rng=utils.rng_state(),
+            rng=distributed.gather_objects(world, utils.rng_state()),
             loader_generator=self.train_loader.generator.get_state(),
             history=self.history,
         )
@@ -377,10 +447,14 @@ class Training:
             for param, accumulator in zip(self.net.parameters(), checkpoint["weight_acc"]):
                 self.optimizer.weight_acc[param] = accumulator.to(param.device)
         self.optimizer.noise.seek(checkpoint["noise_step"])
-        utils.set_rng_state(checkpoint["rng"])
+        # The same process count continues exactly; another one takes rank 0's generators.
+        rngs = checkpoint["rng"]
+        utils.set_rng_state(rngs[self.world.rank] if len(rngs) == self.world.size else rngs[0])
         self.train_loader.generator.set_state(checkpoint["loader_generator"])
         self.epoch = checkpoint["epoch"]
         self.epoch_totals = dict(checkpoint["epoch_totals"])
+        if not self.world.main:  # the saved partial sums are all ranks' already
+            self.epoch_totals.update(loss_sum=0.0, correct=0, seen=0)
         self.history = list(checkpoint["history"])
 
     def open_logs(self, resumed):
@@ -389,6 +463,9 @@ class Training:
         purge_step drops what an interrupted run logged after its checkpoint."""
         from torch.utils.tensorboard import SummaryWriter
 
+        if not self.world.main:
+            self.writer = self.step_writer = NullWriter()
+            return
         self.writer = SummaryWriter(self.run_dir, purge_step=self.epoch + 1 if resumed else None)
         self.step_writer = SummaryWriter(os.path.join(self.run_dir, "steps"),
                                          purge_step=self.global_step + 1 if resumed else None)
@@ -398,7 +475,23 @@ class Training:
             writer.close()
 
     def save(self):
-        return utils.save_checkpoint(self.run_dir, self.state_dict())
+        """Checkpoint (written by rank 0; every rank must call it); returns its path."""
+        state = self.state_dict()
+        if self.world.main:
+            return utils.save_checkpoint(self.run_dir, state)
+        return os.path.join(self.run_dir, utils.checkpoint_name(state["epoch"], state["step"]))
+
+    def stop_requested(self, stop):
+        """Whether any rank was asked to stop (all ranks then stop at the same step)."""
+        if self.world.distributed:
+            return distributed.any_across(self.world, stop, self.device)
+        return bool(stop)
+
+    def update_bn(self, model):
+        if self.world.distributed:
+            distributed.update_bn(self.bn_loader, model, self.device, self.world)
+        else:
+            update_bn(self.bn_loader, model, self.device)
 
     @property
     def global_step(self):
@@ -427,11 +520,17 @@ class Training:
             if args.save_every_steps and totals["steps"] < self.steps_per_epoch \
                     and completed % args.save_every_steps == 0:
                 self.save()
-            return bool(stop) and totals["steps"] < self.steps_per_epoch
+            return self.stop_requested(stop) and totals["steps"] < self.steps_per_epoch
+
+        def all_finite(loss):
+            if not self.world.distributed:
+                return math.isfinite(loss)
+            return not distributed.any_across(self.world, not math.isfinite(loss), self.device)
 
         try:
-            return utils.train_epoch(self.train_loader, self.net, self.optimizer, self.device, self.epoch_totals,
-                                     f"epoch {self.epoch + 1}/{args.epochs}", before_step, after_step)
+            return utils.train_epoch(self.train_loader, self.train_net, self.optimizer, self.device,
+                                     self.epoch_totals, f"epoch {self.epoch + 1}/{args.epochs}", before_step,
+                                     after_step, all_finite)
         finally:
             utils.set_epoch(self.train_loader, self.epoch)
 
@@ -442,14 +541,14 @@ class Training:
         args, epoch = self.args, self.epoch
         completed = epoch + 1
         lr = self.schedule.lr(epoch * self.steps_per_epoch)
-        train_res = utils.epoch_result(self.epoch_totals)
+        train_res = utils.epoch_result(self.epoch_totals, self.device, self.world)
         test_res = swa_res = {"loss": None, "accuracy": None}
         if completed % args.eval_freq == 0 or completed in (args.swa_start, args.epochs):
-            update_bn(self.train_loader, self.net, self.device)
-            test_res = utils.evaluate(self.test_loader, self.net, self.device, "test")
+            self.update_bn(self.net)
+            test_res = utils.evaluate(self.test_loader, self.net, self.device, "test", self.world)
             if self.swa_model.n_averaged > 0:
-                update_bn(self.train_loader, self.swa_model, self.device)
-                swa_res = utils.evaluate(self.test_loader, self.swa_model, self.device, "swa test")
+                self.update_bn(self.swa_model)
+                swa_res = utils.evaluate(self.test_loader, self.swa_model, self.device, "swa test", self.world)
 
         swa_n = int(self.swa_model.n_averaged)
         collected_at = list(self.epoch_totals["collected_at"])
@@ -460,6 +559,7 @@ class Training:
             "test_loss": test_res["loss"], "test_accuracy": test_res["accuracy"],
             "swa_test_loss": swa_res["loss"], "swa_test_accuracy": swa_res["accuracy"],
             "swa_n": swa_n, "collected": bool(collected_at), "collected_at_steps": collected_at,
+            "test_samples": test_res.get("seen"),
         }
         self.history.append(record)
         self.epoch, self.epoch_totals = completed, utils.new_epoch_totals()
@@ -525,9 +625,10 @@ def train(training, stop):
         except utils.Diverged as diverged:
             checkpoints = utils.list_checkpoints(run_dir)
             last_good = checkpoints[-1][2] if checkpoints else "none"
-            utils.write_json_atomic(results_path, {
-                **training.results("diverged"),
-                "diverged_at": {"epoch": training.epoch + 1, "step": diverged.step}})
+            if training.world.main:
+                utils.write_json_atomic(results_path, {
+                    **training.results("diverged"),
+                    "diverged_at": {"epoch": training.epoch + 1, "step": diverged.step}})
             raise UserError(f"the loss became {diverged.loss} at epoch {training.epoch + 1}, step "
                             f"{diverged.step}; stopped (last good checkpoint: {last_good}); "
                             f"lower --lr_init or --swa_lr, or raise the word lengths") from None
@@ -537,27 +638,49 @@ def train(training, stop):
         record["epoch_time"] = time.perf_counter() - epoch_start
         utils.log_scalars(training.writer, record)
         completed = training.epoch
+        stopping = training.stop_requested(stop)
         path = None
-        if completed % args.save_freq == 0 or completed in (args.swa_start, args.epochs) or stop:
+        if completed % args.save_freq == 0 or completed in (args.swa_start, args.epochs) or stopping:
             path = training.save()
-        utils.write_json_atomic(results_path, training.results("finished" if completed == args.epochs else "running"))
-        if stop and completed < args.epochs:
+        if training.world.main:
+            status = "finished" if completed == args.epochs else "running"
+            utils.write_json_atomic(results_path, training.results(status))
+        if stopping and completed < args.epochs:
             return path
     return None
 
 
-def run(args):
+def setup_run_dir(args, world):
+    """The run directory and the checkpoint to resume from, decided by rank 0
+    (which alone touches the directory) and shared with the other ranks."""
+    outcome = None
+    if world.main:
+        try:
+            run_dir = prepare_run_dir(args)
+            outcome = (run_dir, resolve_resume(args, run_dir) if args.resume else None, None)
+        except UserError as error:
+            outcome = (None, None, str(error))
+    run_dir, resume_path, error = distributed.broadcast_object(world, outcome)
+    if error:
+        raise UserError(error)
+    return run_dir, resume_path
+
+
+def run(args, world):
     if args.swa_start > args.epochs:
         raise UserError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}; "
                         f"lower it or train longer")
     device = resolve_device(args.device)
-    run_dir = prepare_run_dir(args)
-    resume_path = resolve_resume(args, run_dir) if args.resume else None
+    run_dir, resume_path = setup_run_dir(args, world)
     seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    training = Training(args, device, run_dir)
+    training = Training(args, device, run_dir, world)
+    if world.distributed:
+        # The model was initialised alike on every rank; from here each replica
+        # draws its own dropout masks and activation rounding noise.
+        seed_everything(mix_seed(args.seed, world.rank) % 2 ** 32)
     if resume_path:
         training.load_state_dict(utils.load_checkpoint(resume_path), resume_path)
         print(f"Resumed from {resume_path} after epoch {training.epoch}, step {training.epoch_totals['steps']}")
@@ -568,9 +691,10 @@ def run(args):
     finally:
         training.close_logs()
     if saved:
-        print(f"Stopped by {signal.Signals(stop.signal).name} at epoch {training.epoch + 1}, step "
+        signum = stop.signal or signal.SIGTERM  # another rank may have received it
+        print(f"Stopped by {signal.Signals(signum).name} at epoch {training.epoch + 1}, step "
               f"{training.epoch_totals['steps']}; saved {saved}. Resume with:\n{resume_command(saved)}", flush=True)
-        sys.exit(128 + stop.signal)
+        sys.exit(128 + signum)
 
     final = summary(training.history, args)
     print("Done")
@@ -579,12 +703,18 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    world, args.device = distributed.init(args.device)
+    if not world.main:  # rank 0 alone prints, logs and writes
+        sys.stdout = open(os.devnull, "w")
+        utils.SHOW_PROGRESS = False
     try:
-        run(args)
+        run(args, world)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        distributed.shutdown(world)
 
 
 if __name__ == "__main__":

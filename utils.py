@@ -20,11 +20,14 @@ import torchvision.transforms as transforms
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from distributed import ShardSampler, World, sum_across
 from seeding import mix_seed
 
-NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100}
+DATASETS = ("CIFAR10", "CIFAR100", "ImageNet")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 TABLE_COLUMNS = ["ep", "lr", "tr_loss", "tr_acc", "tr_time", "te_loss", "te_acc", "swa_te_loss", "swa_te", "swa_n"]
 HEADER_EVERY = 40
 
@@ -35,6 +38,45 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------- data
+
+def load_data(dataset, data_path):
+    """(train set with augmentation, test set, number of classes)."""
+    if dataset == "ImageNet":
+        train_set, test_set = load_imagenet(data_path)
+        return train_set, test_set, len(train_set.classes)
+    train_set, test_set = load_cifar(dataset, data_path)
+    return train_set, test_set, len(train_set.classes)
+
+
+def load_imagenet(data_path):
+    """ImageNet as class folders under data_path/train and data_path/val
+    (torchvision's ImageFolder): random resized crop 224 and flips for
+    training; resize 256 and centre crop 224 for validation."""
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_transform = transforms.Compose([
+        transforms.RandomResizedCrop(224),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ])
+    val_transform = transforms.Compose([
+        transforms.Resize(256),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        normalize,
+    ])
+    folders = {split: os.path.join(data_path, split) for split in ("train", "val")}
+    try:
+        train_set = datasets.ImageFolder(folders["train"], transform=train_transform)
+        val_set = datasets.ImageFolder(folders["val"], transform=val_transform)
+    except (FileNotFoundError, OSError) as error:
+        raise UserError(f"ImageNet needs class folders of images under {folders['train']} and "
+                        f"{folders['val']} ({first_line(error)})") from None
+    if train_set.classes != val_set.classes:
+        raise UserError(f"the class folders of {folders['train']} and {folders['val']} differ; "
+                        f"both need one folder per class, with the same names")
+    return train_set, val_set
+
 
 def load_cifar(dataset, data_path):
     """Train (augmented) and test sets of CIFAR10/100 under data_path/<dataset lower>,
@@ -111,16 +153,22 @@ class EpochSampler(DistributedSampler):
         return super().__len__() - self.start
 
 
-def make_loaders(train_set, test_set, batch_size, num_workers, seed, pin_memory):
+def make_loaders(train_set, test_set, batch_size, num_workers, seed, pin_memory, world=World()):
     """Loaders whose order and augmentation are functions of `seed` and the
-    epoch (set with `set_epoch`)."""
+    epoch (set with `set_epoch`): (train, test, bn), where bn is the loader
+    for BatchNorm recomputation. With several processes each rank trains on
+    its DistributedSampler share (`batch_size` per process) and tests and
+    recomputes BatchNorm statistics on a disjoint shard."""
     train_set = SeededAugmentation(train_set, seed)
-    train_sampler = EpochSampler(train_set, seed=seed)
+    train_sampler = EpochSampler(train_set, num_replicas=world.size, rank=world.rank, seed=seed)
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
     train_loader = DataLoader(train_set, sampler=train_sampler,
                               generator=torch.Generator().manual_seed(seed), **common)
-    test_loader = DataLoader(test_set, shuffle=False, **common)
-    return train_loader, test_loader
+    if not world.distributed:
+        return train_loader, DataLoader(test_set, shuffle=False, **common), train_loader
+    test_loader = DataLoader(test_set, sampler=ShardSampler(len(test_set), world), **common)
+    bn_loader = DataLoader(train_set, sampler=ShardSampler(len(train_set), world), **common)
+    return train_loader, test_loader, bn_loader
 
 
 def set_epoch(loader, epoch, start_step=0):
@@ -132,8 +180,12 @@ def set_epoch(loader, epoch, start_step=0):
 
 # ---------------------------------------------------------------- loops
 
+# Off in every process but the first of a data-parallel run.
+SHOW_PROGRESS = True
+
+
 def _progress(loader, description):
-    return tqdm(loader, desc=description, leave=False, disable=not sys.stderr.isatty(),
+    return tqdm(loader, desc=description, leave=False, disable=not (SHOW_PROGRESS and sys.stderr.isatty()),
                 file=sys.stderr, dynamic_ncols=True)
 
 
@@ -153,13 +205,13 @@ def new_epoch_totals():
 
 
 def train_epoch(loader, model, optimizer, device, totals, description="train", before_step=None,
-                after_step=None):
+                after_step=None, all_finite=math.isfinite):
     """Train over `loader`, adding to `totals` (see new_epoch_totals), which a
     checkpoint can carry across an interruption. `before_step(totals)` runs
     before each step (to set its learning rate); `after_step(totals)` after
-    it, and when it returns True the epoch stops early. A non-finite loss
-    raises Diverged before the weights change. Returns whether the epoch ran
-    to its end."""
+    it, and when it returns True the epoch stops early. A loss for which
+    `all_finite` (every rank's loss finite) fails raises Diverged before the
+    weights change. Returns whether the epoch ran to its end."""
     model.train()
     start = time.perf_counter()
     for inputs, targets in _progress(loader, description):
@@ -169,7 +221,7 @@ def train_epoch(loader, model, optimizer, device, totals, description="train", b
         output = model(inputs)
         loss = F.cross_entropy(output, targets)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        if not all_finite(loss_value):
             raise Diverged(totals["steps"] + 1, loss_value)
         optimizer.zero_grad()
         loss.backward()
@@ -185,13 +237,15 @@ def train_epoch(loader, model, optimizer, device, totals, description="train", b
     return True
 
 
-def epoch_result(totals):
-    return {"loss": totals["loss_sum"] / totals["seen"],
-            "accuracy": 100.0 * totals["correct"] / totals["seen"], "time": totals["time"]}
+def epoch_result(totals, device, world=World()):
+    """Train loss and accuracy of an epoch over all ranks."""
+    loss_sum, correct, seen = sum_across(world, [totals["loss_sum"], totals["correct"], totals["seen"]], device)
+    return {"loss": loss_sum / seen, "accuracy": 100.0 * correct / seen, "time": totals["time"]}
 
 
 @torch.no_grad()
-def evaluate(loader, model, device, description="eval"):
+def evaluate(loader, model, device, description="eval", world=World()):
+    """Loss and accuracy over everything `loader` yields on any rank."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for inputs, targets in _progress(loader, description):
@@ -200,7 +254,8 @@ def evaluate(loader, model, device, description="eval"):
         loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
         correct += (output.argmax(1) == targets).sum().item()
         seen += inputs.size(0)
-    return {"loss": loss_sum / seen, "accuracy": 100.0 * correct / seen}
+    loss_sum, correct, seen = sum_across(world, [loss_sum, correct, seen], device)
+    return {"loss": loss_sum / seen, "accuracy": 100.0 * correct / seen, "seen": int(seen)}
 
 
 # ---------------------------------------------------------------- logging

@@ -2,6 +2,7 @@
 its keyword arguments), so adding a model is one class here."""
 
 from .preresnet import PreResNet
+from .resnet import ResNet18 as TorchvisionResNet18
 from .vgg import VGG
 
 
@@ -35,7 +36,15 @@ class PreResNet164:
     kwargs = {"depth": 164}
 
 
-MODELS = {cfg.__name__: cfg for cfg in (VGG16, VGG16BN, VGG19, VGG19BN, PreResNet20, PreResNet164)}
+class ResNet18:
+    """For ImageNet (224x224 inputs); the others are for 32x32 CIFAR images."""
+
+    base = TorchvisionResNet18
+    kwargs = {}
+
+
+MODELS = {cfg.__name__: cfg for cfg in (VGG16, VGG16BN, VGG19, VGG19BN, PreResNet20, PreResNet164, ResNet18)}
+IMAGENET_MODELS = ("ResNet18",)
 
 
 def build_model(name, num_classes):

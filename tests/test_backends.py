@@ -33,14 +33,14 @@ def test_auto_falls_back_with_one_line_when_qtorch_does_not_build(broken_qtorch)
 def test_explicit_qtorch_that_does_not_build_is_a_clear_error(broken_qtorch):
     with pytest.raises(quantization.BackendUnavailable):
         quantization.select_backend("qtorch", torch.device("cpu"))
-    args = train.build_parser().parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8",
+    args = train.parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8",
                                             "--quant-backend", "qtorch"])
     with pytest.raises(UserError, match="--quant-backend qtorch: qtorch's kernels failed to build"):
         train.build_quantizers(args, torch.device("cpu"), quantization.StepNoise(0))
 
 
 def test_full_precision_never_loads_a_backend(broken_qtorch):
-    args = train.build_parser().parse_args(["--data_path", "d", "--model", "VGG16", "--quant-backend", "qtorch"])
+    args = train.parse_args(["--data_path", "d", "--model", "VGG16", "--quant-backend", "qtorch"])
     quantizers, backend = train.build_quantizers(args, torch.device("cpu"), quantization.StepNoise(0))
     assert backend is None and set(quantizers.values()) == {None}
 

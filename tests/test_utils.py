@@ -39,7 +39,7 @@ def test_train_order_depends_only_on_seed_and_epoch(cifar_in_process):
     train_set, test_set = utils.load_cifar("CIFAR10", str(cifar_in_process))
 
     def order(seed, epoch):
-        loader, _ = utils.make_loaders(train_set, test_set, 8, 0, seed, pin_memory=False)
+        loader, _, _ = utils.make_loaders(train_set, test_set, 8, 0, seed, pin_memory=False)
         loader.sampler.set_epoch(epoch)
         return list(loader.sampler)
 
@@ -89,8 +89,8 @@ def batches(loader):
 
 def test_augmentation_does_not_depend_on_workers_or_on_where_an_epoch_starts(cifar_in_process):
     train_set, test_set = utils.load_cifar("CIFAR10", str(cifar_in_process))
-    in_process, _ = utils.make_loaders(train_set, test_set, 8, 0, seed=4, pin_memory=False)
-    with_workers, _ = utils.make_loaders(train_set, test_set, 8, 2, seed=4, pin_memory=False)
+    in_process, _, _ = utils.make_loaders(train_set, test_set, 8, 0, seed=4, pin_memory=False)
+    with_workers, _, _ = utils.make_loaders(train_set, test_set, 8, 2, seed=4, pin_memory=False)
     utils.set_epoch(in_process, 3)
     utils.set_epoch(with_workers, 3)
     whole = batches(in_process)
