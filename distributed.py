@@ -37,7 +37,8 @@ def init(device_name):
     if size == 1:
         return World(), device_name
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    # Each process uses the GPU of its local rank ("cuda:N" included).
+    use_cuda = (device_name == "auto" or device_name.startswith("cuda")) and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(world.local_rank)
         device_name = f"cuda:{world.local_rank}"

@@ -293,19 +293,22 @@ OPTIMIZER_KINDS = ("weight", "grad", "momentum", "acc")
 
 
 def build_quantizers(word_lengths, rounding, small_block="None", block_dim="B",
-                     backend=TORCH_BACKEND, noise=None):
+                     backend=TORCH_BACKEND, noise=None, optimizer_backend=None):
     """One TensorQuantizer per number kind, None where the word length is -1.
 
     `word_lengths` maps each of NUMBER_KINDS to an int. The optimizer's kinds
-    draw their noise from `noise` (a StepNoise), activations and errors from
-    torch's default generators.
+    run on `optimizer_backend` (default: `backend`) and draw their noise from
+    `noise` (a StepNoise), activations and errors from torch's default
+    generators.
     """
     quantizers = dict.fromkeys(NUMBER_KINDS)
     for kind in NUMBER_KINDS:
         if word_lengths[kind] != -1:
             number_format = BlockFormat(word_lengths[kind], 0, small_block, block_dim)
-            kind_noise = noise if kind in OPTIMIZER_KINDS else None
-            quantizers[kind] = TensorQuantizer(number_format, rounding, backend, kind_noise)
+            if kind in OPTIMIZER_KINDS:
+                quantizers[kind] = TensorQuantizer(number_format, rounding, optimizer_backend or backend, noise)
+            else:
+                quantizers[kind] = TensorQuantizer(number_format, rounding, backend)
     return quantizers
 
 

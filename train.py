@@ -112,7 +112,8 @@ def build_parser():
                                 "within each cycle falling linearly from --swa_lr_max to --swa_lr, set "
                                 "every iteration (default: constant)")
     averaging.add_argument("--swa_lr_max", type=positive(float), default=None, metavar="LR",
-                           help="cyclic schedule: the rate at the start of each cycle (default: --lr_init)")
+                           help="cyclic schedule: the high rate a1 each cycle falls from; iteration i of a cycle "
+                                "of c runs at (1 - i/c) a1 + (i/c) swa_lr (default: --lr_init)")
     averaging.add_argument("--swa_cycle_steps", type=non_negative_int, default=0, metavar="N",
                            help="cyclic schedule: iterations per cycle (default: 0, one epoch)")
 
@@ -211,8 +212,6 @@ def resolve_device(name):
     return device
 
 
-RUN_OUTPUTS = ("results.json", "checkpoint-*.pt", "events.out.tfevents.*",
-               os.path.join("steps", "events.out.tfevents.*"))
 PARTIAL_WRITES = ("results.json.tmp", "checkpoint-*.pt.tmp")
 
 
@@ -220,17 +219,27 @@ def run_files(run_dir, patterns):
     return [path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(run_dir), pattern))]
 
 
+def previous_outputs(run_dir):
+    """What a run left in run_dir: results.json, checkpoints, TensorBoard events."""
+    events = ("events.out.tfevents.*", os.path.join("steps", "events.out.tfevents.*"))
+    found = run_files(run_dir, ("results.json", *events))
+    return found + [path for _, _, path in utils.list_checkpoints(run_dir)]
+
+
 def prepare_run_dir(args):
-    """The run directory, created and checked writable. A directory that
-    already holds a run is used only to resume it or with --overwrite, which
-    deletes that run's outputs (nothing else)."""
+    """The run directory, created and checked writable, and the previous
+    run's outputs that --overwrite replaces (deleted once the new run has
+    loaded its data and model). A directory that already holds a run is used
+    only to resume it (from its own checkpoint) or with --overwrite."""
     run_dir = args.dir or os.path.join(
         "runs", f"{args.dataset}-{args.model}-{precision_tag(args)}-seed{args.seed}")
-    previous = run_files(run_dir, RUN_OUTPUTS)
+    previous = previous_outputs(run_dir)
     holds_run = any(not os.path.basename(path).startswith("events.") for path in previous)
-    if holds_run and not args.resume and not args.overwrite:
-        raise UserError(f"{run_dir} already holds a run; pass --resume auto to continue it, "
-                        f"--overwrite to replace it, or another --dir")
+    own_checkpoint = args.resume == "auto" or (
+        args.resume and os.path.dirname(os.path.realpath(args.resume)) == os.path.realpath(run_dir))
+    if holds_run and not own_checkpoint and not args.overwrite:
+        hint = "resume with one of its own checkpoints" if args.resume else "pass --resume auto to continue it"
+        raise UserError(f"{run_dir} already holds a run; {hint}, --overwrite to replace it, or another --dir")
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, ".write-test")
@@ -239,9 +248,9 @@ def prepare_run_dir(args):
     except OSError as error:
         raise UserError(f"cannot write to run directory {run_dir} ({error.strerror}); "
                         f"choose another --dir") from None
-    for path in run_files(run_dir, PARTIAL_WRITES) + (previous if args.overwrite and not args.resume else []):
+    for path in run_files(run_dir, PARTIAL_WRITES):
         os.remove(path)
-    return run_dir
+    return run_dir, (previous if args.overwrite and not own_checkpoint else [])
 
 
 def resolve_resume(args, run_dir):
@@ -266,9 +275,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def build_quantizers(args, device, noise):
+def build_quantizers(args, device, noise, world=distributed.World()):
     """The quantizers of every number kind (None where full precision), on
-    the backend --quant-backend picks; no backend is loaded in full precision."""
+    the backend --quant-backend picks; no backend is loaded in full precision.
+    Data-parallel replicas must round their weights, gradients, momenta and
+    accumulators alike, which qtorch's kernels (noise from the operating
+    system or from each rank's own generator) cannot: there the optimizer's
+    rounding always uses ours."""
     lengths = word_lengths(args)
     if all(wl == -1 for wl in lengths.values()):
         return dict.fromkeys(quantization.NUMBER_KINDS), None
@@ -279,8 +292,12 @@ def build_quantizers(args, device, noise):
                         f"ninja and a C++ compiler (and nvcc for CUDA), or use --quant-backend torch") from None
     if note:
         print(note)
+    optimizer_backend = backend
+    if world.distributed and not backend.seedable:
+        optimizer_backend = quantization.TORCH_BACKEND
+        print("data parallel: the optimizer's rounding uses the torch backend, activations and errors qtorch")
     quantizers = quantization.build_quantizers(lengths, args.rounding, args.small_block, args.block_dim,
-                                               backend, noise)
+                                               backend, noise, optimizer_backend)
     return quantizers, backend
 
 
@@ -345,7 +362,7 @@ class Training:
     def __init__(self, args, device, run_dir, world=distributed.World()):
         self.args, self.device, self.run_dir, self.world = args, device, run_dir, world
         print(f"Loading dataset {args.dataset} from {args.data_path}")
-        train_set, test_set, num_classes = utils.load_data(args.dataset, args.data_path)
+        train_set, test_set, num_classes = load_data(args, world)
         self.train_loader, self.test_loader, self.bn_loader = utils.make_loaders(
             train_set, test_set, args.batch_size, args.num_workers, args.seed, device.type == "cuda", world)
 
@@ -356,7 +373,7 @@ class Training:
         # The optimizer's rounding noise depends only on (seed, step): identical
         # across data-parallel replicas and restored exactly on resume.
         noise = quantization.StepNoise(args.seed)
-        quantizers, self.backend = build_quantizers(args, device, noise)
+        quantizers, self.backend = build_quantizers(args, device, noise, world)
         for kind in quantization.NUMBER_KINDS:
             print(f"{kind:10}: {quantizers[kind] or 'full precision'}")
         self.sites = quantization.insert_quantizers(self.net, quantizers["activate"], quantizers["error"],
@@ -429,6 +446,10 @@ class Training:
         if missing:
             raise UserError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; "
                             f"it was not written by this train.py")
+        if checkpoint["step"] and checkpoint["world_size"] != self.world.size:
+            raise UserError(f"checkpoint {path} is mid-epoch and was written by {checkpoint['world_size']} "
+                            f"process(es), this run has {self.world.size}; resume it with as many, or resume "
+                            f"from an epoch checkpoint (checkpoint-<epoch>.pt)")
         saved = checkpoint["config"]
         for key in STATE_DEFINING:
             if saved.get(key) != getattr(self.args, key):
@@ -520,7 +541,8 @@ class Training:
             if args.save_every_steps and totals["steps"] < self.steps_per_epoch \
                     and completed % args.save_every_steps == 0:
                 self.save()
-            return self.stop_requested(stop) and totals["steps"] < self.steps_per_epoch
+            # At the epoch's last step too: a stop then saves before the evaluation.
+            return self.stop_requested(stop)
 
         def all_finite(loss):
             if not self.world.distributed:
@@ -600,8 +622,9 @@ def summary(history, args):
     }
 
 
-def resume_command(path):
-    """This command line with --resume PATH instead of any --resume."""
+def resume_command(path, world):
+    """This command line with --resume PATH instead of any --resume (under
+    torchrun, with the launcher for as many processes on one machine)."""
     argv, kept, skip = sys.argv[1:], [], False
     for arg in argv:
         if skip:
@@ -610,7 +633,10 @@ def resume_command(path):
             skip = True
         elif not arg.startswith("--resume="):
             kept.append(arg)
-    return shlex.join([sys.executable, sys.argv[0], *kept, "--resume", path])
+    launcher = [sys.executable]
+    if world.distributed:
+        launcher = ["torchrun", f"--nproc_per_node={world.size}"]
+    return shlex.join([*launcher, sys.argv[0], *kept, "--resume", path])
 
 
 def train(training, stop):
@@ -630,8 +656,9 @@ def train(training, stop):
                     **training.results("diverged"),
                     "diverged_at": {"epoch": training.epoch + 1, "step": diverged.step}})
             raise UserError(f"the loss became {diverged.loss} at epoch {training.epoch + 1}, step "
-                            f"{diverged.step}; stopped (last good checkpoint: {last_good}); "
-                            f"lower --lr_init or --swa_lr, or raise the word lengths") from None
+                            f"{diverged.step}; stopped (newest checkpoint, written while the loss was still "
+                            f"finite: {last_good}); start afresh with a lower --lr_init or --swa_lr, or longer "
+                            f"word lengths") from None
         if not finished_epoch:
             return training.save()
         record = training.finish_epoch()
@@ -650,20 +677,44 @@ def train(training, stop):
     return None
 
 
-def setup_run_dir(args, world):
-    """The run directory and the checkpoint to resume from, decided by rank 0
-    (which alone touches the directory) and shared with the other ranks."""
+def on_rank_zero(world, action):
+    """Run `action` on rank 0 only and share its result (or its UserError,
+    raised on every rank) with the others."""
     outcome = None
     if world.main:
         try:
-            run_dir = prepare_run_dir(args)
-            outcome = (run_dir, resolve_resume(args, run_dir) if args.resume else None, None)
+            outcome = (action(), None)
         except UserError as error:
-            outcome = (None, None, str(error))
-    run_dir, resume_path, error = distributed.broadcast_object(world, outcome)
+            outcome = (None, str(error))
+    result, error = distributed.broadcast_object(world, outcome)
     if error:
         raise UserError(error)
-    return run_dir, resume_path
+    return result
+
+
+def setup_run_dir(args, world):
+    """The run directory, the checkpoint to resume from, and the outputs to
+    replace, decided by rank 0 (which alone touches the directory)."""
+    def setup():
+        run_dir, stale = prepare_run_dir(args)
+        return run_dir, resolve_resume(args, run_dir) if args.resume else None, stale
+
+    return on_rank_zero(world, setup)
+
+
+def load_data(args, world):
+    """The data sets; rank 0 loads (and if needed downloads) them before the
+    other ranks read them."""
+    data = error = None
+    if world.main:
+        try:
+            data = utils.load_data(args.dataset, args.data_path)
+        except UserError as raised:
+            error = str(raised)
+    error = distributed.broadcast_object(world, error)
+    if error:
+        raise UserError(error)
+    return data if world.main else utils.load_data(args.dataset, args.data_path)
 
 
 def run(args, world):
@@ -671,7 +722,7 @@ def run(args, world):
         raise UserError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}; "
                         f"lower it or train longer")
     device = resolve_device(args.device)
-    run_dir, resume_path = setup_run_dir(args, world)
+    run_dir, resume_path, stale_outputs = setup_run_dir(args, world)
     seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -684,6 +735,9 @@ def run(args, world):
     if resume_path:
         training.load_state_dict(utils.load_checkpoint(resume_path), resume_path)
         print(f"Resumed from {resume_path} after epoch {training.epoch}, step {training.epoch_totals['steps']}")
+    if world.main:  # --overwrite: only now that the new run could start
+        for path in stale_outputs:
+            os.remove(path)
     training.open_logs(resumed=resume_path is not None)
     try:
         with StopRequest() as stop:
@@ -693,7 +747,8 @@ def run(args, world):
     if saved:
         signum = stop.signal or signal.SIGTERM  # another rank may have received it
         print(f"Stopped by {signal.Signals(signum).name} at epoch {training.epoch + 1}, step "
-              f"{training.epoch_totals['steps']}; saved {saved}. Resume with:\n{resume_command(saved)}", flush=True)
+              f"{training.epoch_totals['steps']}; saved {saved}. Resume with:\n{resume_command(saved, world)}",
+              flush=True)
         sys.exit(128 + signum)
 
     final = summary(training.history, args)
@@ -711,7 +766,8 @@ def main(argv=None):
     try:
         run(args, world)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if world.main:  # every rank raises it; one line is enough
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
         distributed.shutdown(world)

@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import sys
 import time
 
@@ -137,6 +138,14 @@ class SeededAugmentation(Dataset):
             return self.dataset[index]
 
 
+def ignore_stop_signals(worker_id):
+    """Loader workers ignore SIGTERM and SIGINT (a launcher or scheduler
+    signals the whole process group): the main process saves and stops, then
+    shuts them down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class EpochSampler(DistributedSampler):
     """DistributedSampler (its order is a function of seed and epoch, per
     replica) that can start `start` samples into the epoch, for a run
@@ -150,7 +159,7 @@ class EpochSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), self.start, None)
 
     def __len__(self):
-        return super().__len__() - self.start
+        return max(super().__len__() - self.start, 0)
 
 
 def make_loaders(train_set, test_set, batch_size, num_workers, seed, pin_memory, world=World()):
@@ -161,7 +170,8 @@ def make_loaders(train_set, test_set, batch_size, num_workers, seed, pin_memory,
     recomputes BatchNorm statistics on a disjoint shard."""
     train_set = SeededAugmentation(train_set, seed)
     train_sampler = EpochSampler(train_set, num_replicas=world.size, rank=world.rank, seed=seed)
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                  worker_init_fn=ignore_stop_signals if num_workers else None)
     train_loader = DataLoader(train_set, sampler=train_sampler,
                               generator=torch.Generator().manual_seed(seed), **common)
     if not world.distributed:
@@ -308,7 +318,8 @@ def rng_state():
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
                   *numpy_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This process's device only: a resumed run may see fewer GPUs.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
     }
 
 
@@ -319,7 +330,7 @@ def set_rng_state(state):
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pt")

@@ -1,11 +1,13 @@
 """The paper's results table, and test-error curves, from finished runs.
 
 Reads every results.json under a directory (as written by train.py, e.g. by
-reproduce/run.py), groups finished runs by dataset, model and number format,
+reproduce/run.py), groups finished runs by dataset, model, training recipe
+(epochs, batch size, rates, schedule) and number format, one run per seed,
 and prints in markdown the test error (%) as mean ± sample standard deviation
 over seeds with the number of seeds, next to the paper's numbers. A
 full-precision run gives SGD-FP and SWA-FP, an 8-bit one SGD-LP and SWALP;
-runs in other formats get rows of their own. "SGD" is the SGD model's error
+other recipes and formats get rows of their own, and runs left out
+(unfinished, diverged, a seed counted already) are listed below the table. "SGD" is the SGD model's error
 after `swa_start` epochs, the end of its decaying schedule (the original's
 convention); "SWA" the averaged model's after the last epoch.
 
@@ -35,13 +37,43 @@ PAPER = {  # test error %, mean and std over 3 seeds (the paper's table)
     ("CIFAR100", "PreResNet164"): {"SGD-FP": (22.20, 0.57), "SWA-FP": (19.95, 0.19)},
 }
 COLUMNS = ("SGD-FP", "SWA-FP", "SGD-LP", "SWALP")
+# Settings that make two runs of one dataset and model different experiments:
+# the training recipe (shared by the full-precision and low-precision runs of
+# one table row) and the number format.
+RECIPE_KEYS = ("epochs", "batch_size", "lr_init", "swa_start", "swa_lr", "wd", "momentum", "swa_schedule",
+               "swa_lr_max", "swa_cycle_steps", "swa_c_epochs", "swa_c_steps")
+FORMAT_KEYS = ("rounding", "small_block", "block_dim", "quant_placement")
+
+
+def recipe(config):
+    return tuple((key, config.get(key)) for key in RECIPE_KEYS)
+
+
+def describe(recipe_items):
+    settings = dict(recipe_items)
+    text = (f"{settings['epochs']} ep, lr {settings['lr_init']:g}, swa {settings['swa_start']}@"
+            f"{settings['swa_lr']:g}, wd {settings['wd']:g}, bs {settings['batch_size']}")
+    if settings.get("swa_schedule") == "cyclic":
+        text += f", cyclic {settings['swa_lr_max']}/{settings['swa_cycle_steps']}"
+    return text
+
+
 def number_format(config):
-    """"FP", "8-bit" (weights, activations, gradients, errors and momentum in
-    8 bits, with or without an 8-bit accumulator) or a tag such as W6A6G6E6M6."""
+    """"FP", or the word lengths set (e.g. W8A8G8E8M8Acc8) with the rounding
+    and layout where they differ from stochastic, None, B, layer."""
     lengths = {kind: config.get(f"wl_{kind}", -1) for kind in NUMBER_KINDS}
-    if all(lengths[kind] == 8 for kind in NUMBER_KINDS[:5]) and lengths["acc"] in (-1, 8):
-        return "8-bit"
-    return precision_tag(lengths)
+    label = precision_tag(lengths)
+    if label == "FP":
+        return label
+    defaults = {"rounding": "stochastic", "small_block": "None", "block_dim": "B", "quant_placement": "layer"}
+    extras = [f"{key}={config.get(key)}" for key in FORMAT_KEYS if config.get(key, defaults[key]) != defaults[key]]
+    return " ".join([label, *extras])
+
+
+def is_eight_bit(config):
+    """The paper's SGD-LP/SWALP setting: weights, activations, gradients,
+    errors and momentum in 8 bits (with or without an 8-bit accumulator)."""
+    return all(config.get(f"wl_{kind}") == 8 for kind in NUMBER_KINDS[:5]) and config.get("wl_acc") in (-1, 8)
 
 
 def load_runs(root):
@@ -59,17 +91,20 @@ def load_runs(root):
 
 
 def group(runs):
-    """{(dataset, model, format): [results of finished runs]}, and the count
-    of runs not finished per group."""
-    finished, unfinished = defaultdict(list), defaultdict(int)
+    """Finished runs by (dataset, model, recipe, format), one per seed; and
+    notes on the runs left out (unfinished, diverged, repeated seeds)."""
+    finished, left_out = defaultdict(dict), defaultdict(int)
     for _, results in runs:
         config = results["config"]
-        key = (config["dataset"], config["model"], number_format(config))
-        if results.get("status") == "finished":
-            finished[key].append(results)
+        key = (config["dataset"], config["model"], recipe(config), number_format(config))
+        status = results.get("status")
+        if status != "finished":
+            left_out[(status if status == "diverged" else "not finished", key)] += 1
+        elif config.get("seed") in finished[key]:
+            left_out[("a repeated seed", key)] += 1
         else:
-            unfinished[key] += 1
-    return finished, unfinished
+            finished[key][config.get("seed")] = results
+    return {key: list(by_seed.values()) for key, by_seed in finished.items()}, left_out
 
 
 def summarise(values):
@@ -92,27 +127,46 @@ def cell(measured, paper):
     return text
 
 
-def table(finished, unfinished):
-    """The markdown table: one row per dataset and model (and per low-precision
-    format other than 8-bit)."""
-    rows = {}
-    for (dataset, model, fmt), results in finished.items():
-        low = "8-bit" if fmt in ("FP", "8-bit") else fmt
-        row = rows.setdefault((dataset, model, low), {})
-        prefix = ("SGD-FP", "SWA-FP") if fmt == "FP" else ("SGD-LP", "SWALP")
-        row[prefix[0]] = summarise([r["sgd_error"] for r in results])
-        row[prefix[1]] = summarise([r["swa_error"] for r in results])
-    lines = ["| Dataset | Model | Low precision | " + " | ".join(COLUMNS) + " |",
-             "|---" * (3 + len(COLUMNS)) + "|"]
-    for (dataset, model, low), row in sorted(rows.items()):
-        paper = PAPER.get((dataset, model), {}) if low == "8-bit" else {}
-        cells = [cell(row.get(column), paper.get(column)) for column in COLUMNS]
-        lines.append(f"| {dataset} | {model} | {low} | " + " | ".join(cells) + " |")
+def table(finished, left_out):
+    """The markdown table: one row per dataset, model, recipe and
+    low-precision format; the full-precision runs of the same recipe fill
+    the FP columns of its rows. The paper's figures stand beside 8-bit rows
+    (and beside FP cells)."""
+    full = {key[:3]: results for key, results in finished.items() if key[3] == "FP"}
+    low = defaultdict(list)
+    for key in finished:
+        if key[3] != "FP":
+            low[key[:3]].append(key[3])
+    lines = ["| Dataset | Model | Recipe | Low precision | " + " | ".join(COLUMNS) + " |",
+             "|---" * (4 + len(COLUMNS)) + "|"]
+    for base in sorted(set(full) | set(low), key=str):
+        dataset, model, recipe_items = base
+        paper = PAPER.get((dataset, model), {})
+        for fmt in sorted(low.get(base, [])) or ["–"]:
+            lp = finished.get((*base, fmt), [])
+            eight = bool(lp) and is_eight_bit(lp[0]["config"])
+            measured = {
+                "SGD-FP": summarise([r["sgd_error"] for r in full.get(base, [])]),
+                "SWA-FP": summarise([r["swa_error"] for r in full.get(base, [])]),
+                "SGD-LP": summarise([r["sgd_error"] for r in lp]),
+                "SWALP": summarise([r["swa_error"] for r in lp]),
+            }
+            cells = [cell(measured[column], paper.get(column) if column.endswith("FP") or eight else None)
+                     for column in COLUMNS]
+            lines.append(f"| {dataset} | {model} | {describe(recipe_items)} | {fmt} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Test error %, mean ± sample std over seeds (number of finished seeds); [paper mean ± std, 3 seeds].")
-    for (dataset, model, fmt), count in sorted(unfinished.items()):
-        lines.append(f"Not finished: {count} run(s) of {dataset} {model} {fmt}.")
+    for (reason, (dataset, model, recipe_items, fmt)), count in sorted(left_out.items(), key=str):
+        lines.append(f"Left out, {reason}: {count} run(s) of {dataset} {model} {fmt} ({describe(recipe_items)}).")
     return "\n".join(lines)
+
+
+def curve_groups(finished):
+    """{(dataset, model): {label: results}} for the plots."""
+    groups = defaultdict(dict)
+    for (dataset, model, recipe_items, fmt), results in finished.items():
+        groups[(dataset, model)][f"{fmt}, {describe(recipe_items)}"] = results
+    return groups
 
 
 def curves(results_list, key):
@@ -135,20 +189,18 @@ def plot(finished, directory):
 
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for dataset, model in sorted({key[:2] for key in finished}):
-        figure, axes = plt.subplots(figsize=(7, 4.5))
-        for (d, m, fmt), results in sorted(finished.items()):
-            if (d, m) != (dataset, model):
-                continue
-            for key, label, style in (("test", "SGD", "--"), ("swa_test", "SWA", "-")):
+    for (dataset, model), by_label in sorted(curve_groups(finished).items()):
+        figure, axes = plt.subplots(figsize=(8, 4.5))
+        for label, results in sorted(by_label.items()):
+            for key, name, style in (("test", "SGD", "--"), ("swa_test", "SWA", "-")):
                 epochs, errors = curves(results, key)
                 if epochs:
-                    axes.plot(epochs, errors, style, label=f"{label} {fmt} ({len(results)} seeds)")
+                    axes.plot(epochs, errors, style, label=f"{name} {label} ({len(results)} seeds)")
         axes.set_xlabel("epoch")
         axes.set_ylabel("test error %")
         axes.set_title(f"{dataset} {model}")
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize="small")
         path = os.path.join(directory, f"{dataset}-{model}.png")
         figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(figure)
@@ -165,8 +217,8 @@ def main(argv=None):
     if not runs:
         print(f"error: no results.json under {args.root}; run reproduce/run.py first", file=sys.stderr)
         sys.exit(2)
-    finished, unfinished = group(runs)
-    print(table(finished, unfinished))
+    finished, left_out = group(runs)
+    print(table(finished, left_out))
     if args.plots:
         for path in plot(finished, args.plots):
             print(f"wrote {path}")

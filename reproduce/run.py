@@ -13,6 +13,7 @@ Then `python reproduce/report.py <out>` prints the table.
 """
 
 import argparse
+import fcntl
 import glob
 import json
 import os
@@ -49,12 +50,15 @@ class Job:
     command: list = field(default_factory=list)
 
     def status(self):
-        """finished, diverged, partial (has outputs) or new."""
+        """finished, diverged, running (results.json of an unfinished run),
+        partial (other outputs) or new."""
         try:
             with open(os.path.join(self.run_dir, "results.json")) as handle:
                 return json.load(handle).get("status", "partial")
         except FileNotFoundError:
-            return "partial" if os.path.isdir(self.run_dir) and os.listdir(self.run_dir) else "new"
+            outputs = [name for name in os.listdir(self.run_dir) if name != ".runner.lock"] \
+                if os.path.isdir(self.run_dir) else []
+            return "partial" if outputs else "new"
         except (OSError, ValueError):
             return "partial"
 
@@ -79,12 +83,22 @@ def make_jobs(args):
 
 def launch(job, gpu):
     """Run one job to its end, its output appended to <run_dir>/train.log;
-    returns its exit code. A run that stopped before its first checkpoint
-    has nothing to resume and starts afresh."""
+    returns its exit code, or None when another runner holds the run. A run
+    that stopped before its first checkpoint has nothing to resume and
+    starts afresh."""
+    os.makedirs(job.run_dir, exist_ok=True)
+    with open(os.path.join(job.run_dir, ".runner.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        return _run_locked(job, gpu)
+
+
+def _run_locked(job, gpu):
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    os.makedirs(job.run_dir, exist_ok=True)
     command = list(job.command)
     if not glob.glob(os.path.join(glob.escape(job.run_dir), "checkpoint-*.pt")):
         at = command.index("--resume")
@@ -104,13 +118,16 @@ def run_jobs(jobs, gpus, start=launch, report=print):
     def work(job, gpu):
         try:
             code = start(job, gpu)
-            with lock:
-                where = "" if gpu is None else f" (GPU {gpu})"
-                report(f"{'done' if code == 0 else f'FAILED (exit {code})'}: {job.name}{where}")
-                if code != 0:
-                    failed.append(job)
+            outcome = {0: "done", None: "skip (running elsewhere)"}.get(code, f"FAILED (exit {code})")
+        except Exception as error:  # a run that cannot even start is a failed run
+            code, outcome = 1, f"FAILED ({type(error).__name__}: {error})"
         finally:
             slots.put(gpu)
+        with lock:
+            where = "" if gpu is None else f" (GPU {gpu})"
+            report(f"{outcome}: {job.name}{where}")
+            if code not in (0, None):
+                failed.append(job)
 
     for job in jobs:
         gpu = slots.get()
@@ -157,12 +174,13 @@ def main(argv=None):
         else:
             todo.append(job)
             if args.dry_run:
-                print(f"{'continue' if status == 'partial' else 'run'}: {shlex.join(job.command)}")
+                print(f"{'run' if status == 'new' else 'continue'}: {shlex.join(job.command)}")
     if args.dry_run or not todo:
         print(f"{len(todo)} of {len(jobs)} runs to do")
         return
     failed = run_jobs(todo, args.gpus)
-    print(f"{len(todo) - len(failed)} of {len(todo)} runs done; logs in <run dir>/train.log")
+    print(f"{len(todo) - len(failed)} of {len(todo)} runs done (or running in another runner); "
+          f"logs in <run dir>/train.log")
     if failed:
         sys.exit(1)
 

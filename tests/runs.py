@@ -40,9 +40,11 @@ def assert_same_run(first, second, epochs):
     return first_results, second_results
 
 
-def start_train(fake_cifar_env, *args):
+def start_train(fake_cifar_env, *args, new_session=False):
+    """train.py in the background (in a process group of its own with new_session)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
-                            env=fake_cifar_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=fake_cifar_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
 
 
 def wait_for(path, process, timeout=300):

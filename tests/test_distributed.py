@@ -122,3 +122,27 @@ def test_bn_statistics_and_evaluation_cover_the_whole_data_set_across_ranks(tmp_
         stem = single.conv1(inputs).transpose(0, 1).reshape(16, -1).double()
     torch.testing.assert_close(results[0][0]["layer1.0.bn1.running_mean"], stem.mean(1).float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results[0][0]["layer1.0.bn1.running_var"], stem.var(1).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_qtorch_backend_under_torchrun_keeps_the_optimizer_rounding_shared(fake_cifar_env, cifar_root, tmp_path):
+    run_dir = tmp_path / "qtorch"
+    result = torchrun(fake_cifar_env, *DDP_RUN, "--epochs", 2, "--swa_start", 1, "--quant-backend", "qtorch",
+                      "--data_path", cifar_root, "--dir", run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the optimizer's rounding uses the torch backend" in result.stdout
+    assert len(set(torch.load(run_dir / "checkpoint-2.pt", weights_only=True)["replica_digests"])) == 1
+
+
+def test_replica_drift_is_detected(cifar_in_process, tmp_path, monkeypatch):
+    import train
+
+    args = train.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "1",
+                             "--swa_start", "1", "--num_workers", "0", "--dir", str(tmp_path)])
+    training = train.Training(args, torch.device("cpu"), str(tmp_path))
+    digest = training.replica_digest()
+    weight = next(training.net.parameters()).data
+    weight.view(-1).view(torch.int32)[0] ^= 1  # one bit of one weight
+    assert training.replica_digest() != digest
+    monkeypatch.setattr(distributed, "gather_objects", lambda world, value: [value, value + 1])
+    with pytest.raises(RuntimeError, match="replicas have drifted apart"):
+        training.state_dict()

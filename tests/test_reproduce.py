@@ -36,6 +36,11 @@ def test_dry_run_prints_the_papers_commands(tmp_path):
     assert len(commands) == 7  # 2 datasets x 2 precisions x 2 seeds, one finished
     assert "skip (finished): CIFAR10-VGG16-fp seed 2" in lines
     assert lines[-1] == "7 of 8 runs to do"
+    interrupted = out / "CIFAR100-VGG16-lp8" / "seed1"
+    interrupted.mkdir(parents=True)
+    (interrupted / "results.json").write_text(json.dumps({"status": "running"}))
+    again = reproduce("run.py", "--data_path", "data", "--out", out, "--seeds", 1, 2, "--dry-run").stdout
+    assert any(line.startswith("continue: ") and "CIFAR100-VGG16-lp8/seed1" in line for line in again.splitlines())
     lp = next(c for c in commands if "CIFAR100-VGG16-lp8/seed1" in c)
     for flag in ("--epochs 300", "--lr_init 0.05", "--swa_start 200", "--swa_lr 0.01", "--wd 0.0005",
                  "--wl-weight 8", "--wl-acc 8", "--wl-momentum 8", "--resume auto", "--seed 1"):
@@ -56,14 +61,34 @@ def test_runs_on_several_gpus_side_by_side_but_one_per_gpu():
             spans.append((gpu, start, time.monotonic()))
         return 1 if job.name == "job3" else 0
 
-    failed = runner.run_jobs(jobs, ["0", "1"], start=fake_launch, report=lambda line: None)
+    lines = []
+    failed = runner.run_jobs(jobs, ["0", "1"], start=fake_launch, report=lines.append)
     assert [job.name for job in failed] == ["job3"]
+    assert any(line.startswith("FAILED (exit 1): job3") for line in lines)
     assert {gpu for gpu, _, _ in spans} == {"0", "1"}
     for gpu in ("0", "1"):
         own = sorted(span[1:] for span in spans if span[0] == gpu)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(own, own[1:]))  # never two at once
     zero, one = [min(s[1] for s in spans if s[0] == gpu) for gpu in ("0", "1")]
     assert abs(zero - one) < 0.04  # the two GPUs started together
+
+
+def test_a_run_that_cannot_start_or_is_running_elsewhere(tmp_path):
+    import fcntl
+
+    def broken(job, gpu):
+        raise OSError("no such directory")
+
+    lines = []
+    failed = runner.run_jobs([runner.Job("broken", str(tmp_path / "x"))], [], start=broken, report=lines.append)
+    assert [job.name for job in failed] == ["broken"] and "FAILED (OSError: no such directory): broken" in lines
+    busy = runner.Job("busy", str(tmp_path / "busy"), ["false", "--resume", "auto"])
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".runner.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert runner.launch(busy, None) is None  # another runner has it
+    assert runner.run_jobs([busy], [], report=lines.append) == [busy]  # free again: runs, and `false` fails
+    assert lines[-1] == "FAILED (exit 1): busy"
 
 
 def test_runner_then_report_on_short_real_runs(fake_cifar_env, cifar_root, tmp_path):
@@ -84,28 +109,50 @@ def test_runner_then_report_on_short_real_runs(fake_cifar_env, cifar_root, tmp_p
     assert printed.returncode == 0, printed.stderr
     row = next(line for line in printed.stdout.splitlines() if line.startswith("| CIFAR10 | PreResNet20"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    for column, (precision, key) in zip(cells[3:], [("fp", "sgd_error"), ("fp", "swa_error"),
+    assert cells[2] == "2 ep, lr 0.05, swa 1@0.01, wd 0.0005, bs 16"
+    for column, (precision, key) in zip(cells[4:], [("fp", "sgd_error"), ("fp", "swa_error"),
                                                     ("lp8", "sgd_error"), ("lp8", "swa_error")]):
         values = [results[(precision, seed)][key] for seed in (1, 2)]
         assert column == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} (2)"
     assert (tmp_path / "plots" / "CIFAR10-PreResNet20.png").stat().st_size > 10_000
 
 
-def test_report_puts_the_papers_numbers_next_to_the_measured_ones():
-    def fake(fmt_lengths, sgd, swa):
-        config = {"dataset": "CIFAR100", "model": "VGG16", **{f"wl_{k}": fmt_lengths for k in report.NUMBER_KINDS}}
-        return ("x", {"status": "finished", "config": config, "sgd_error": sgd, "swa_error": swa, "epochs": []})
+PAPER_RECIPE = {"epochs": 300, "batch_size": 128, "lr_init": 0.05, "swa_start": 200, "swa_lr": 0.01, "wd": 5e-4,
+                "momentum": 0.9, "swa_schedule": "constant", "rounding": "stochastic"}
 
-    runs = [fake(-1, 27.0, 26.0), fake(-1, 28.0, 25.0), fake(8, 30.0, 27.0), fake(6, 40.0, 35.0),
-            ("y", {"status": "running", "config": fake(8, 0, 0)[1]["config"], "epochs": []})]
-    text = report.table(*report.group(runs))
-    lines = text.splitlines()
-    eight = next(line for line in lines if "| 8-bit |" in line)
+
+def fake_run(word_length, seed, sgd, swa, status="finished", **changes):
+    config = {"dataset": "CIFAR100", "model": "VGG16", "seed": seed, **PAPER_RECIPE,
+              **{f"wl_{kind}": word_length for kind in report.NUMBER_KINDS}, **changes}
+    return (f"run{seed}", {"status": status, "config": config, "sgd_error": sgd, "swa_error": swa, "epochs": []})
+
+
+def test_report_puts_the_papers_numbers_next_to_the_measured_ones():
+    runs = [fake_run(-1, 1, 27.0, 26.0), fake_run(-1, 2, 28.0, 25.0), fake_run(8, 1, 30.0, 27.0),
+            fake_run(6, 1, 40.0, 35.0), fake_run(8, 2, 0, 0, status="running"), fake_run(8, 3, 0, 0, "diverged"),
+            fake_run(8, 1, 99.0, 99.0)]  # seed 1 again: counted once
+    lines = report.table(*report.group(runs)).splitlines()
+    eight = next(line for line in lines if "| W8A8G8E8M8Acc8 |" in line)
+    assert "| 300 ep, lr 0.05, swa 200@0.01, wd 0.0005, bs 128 |" in eight
     assert "27.50 ± 0.71 (2) [paper 27.23 ± 0.17]" in eight and "25.50 ± 0.71 (2) [paper 25.93 ± 0.21]" in eight
     assert "30.00 (1) [paper 29.59 ± 0.32]" in eight and "27.00 (1) [paper 26.65 ± 0.29]" in eight
     six = next(line for line in lines if "| W6A6G6E6M6Acc6 |" in line)
-    assert "40.00 (1)" in six and "paper" not in six
-    assert "Not finished: 1 run(s) of CIFAR100 VGG16 8-bit." in lines
+    assert "40.00 (1) |" in six and "[paper 29.59" not in six and "27.50 ± 0.71 (2) [paper 27.23" in six
+    left_out = [line for line in lines if line.startswith("Left out")]
+    assert len(left_out) == 3
+    assert any(line.startswith("Left out, not finished: 1 run(s) of CIFAR100 VGG16 W8A8G8E8M8Acc8")
+               for line in left_out)
+    assert any(line.startswith("Left out, diverged: 1 run(s)") for line in left_out)
+    assert any(line.startswith("Left out, a repeated seed: 1 run(s)") for line in left_out)
+
+
+def test_report_keeps_different_recipes_and_formats_apart():
+    runs = [fake_run(8, 1, 30.0, 27.0), fake_run(8, 2, 31.0, 28.0, epochs=2),
+            fake_run(8, 3, 32.0, 29.0, rounding="nearest")]
+    lines = [line for line in report.table(*report.group(runs)).splitlines() if line.startswith("| CIFAR100")]
+    assert len(lines) == 3
+    assert any("| 2 ep," in line and "31.00 (1)" in line for line in lines)
+    assert any("W8A8G8E8M8Acc8 rounding=nearest" in line and "32.00 (1)" in line for line in lines)
 
 
 def test_report_without_results_is_a_clear_error(tmp_path):

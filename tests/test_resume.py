@@ -74,15 +74,16 @@ def fp_checkpoint(run_train, tmp_path_factory):
 
 
 def run_in_copy(run_train, tmp_path, checkpoint_bytes, *extra):
-    """Resume from a checkpoint with the given bytes in a directory holding a
-    finished run; returns the result and asserts the directory is untouched."""
+    """Resume from a checkpoint with the given bytes, kept in a directory
+    holding a finished run; returns the result and asserts the directory is
+    untouched."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "results.json").write_text('{"status": "finished"}')
-    bad = tmp_path / "bad.pt"
+    bad = run_dir / "bad.pt"
     bad.write_bytes(checkpoint_bytes)
     result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", bad, *extra)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["bad.pt", "results.json"]
     assert (run_dir / "results.json").read_text() == '{"status": "finished"}'
     return result
 
@@ -193,3 +194,77 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(run_train, tmp_
     torch.load(run_dir / "checkpoint-0-step2.pt", weights_only=True)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "diverged" and results["diverged_at"] == {"epoch": 1, "step": 3}
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers(
+        run_train, fake_cifar_env, low_precision_run, tmp_path):
+    # Launchers and schedulers signal every process of the group, loader workers included.
+    run_dir = tmp_path / "group"
+    args = [*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--num_workers", 2]
+    process = start_train(fake_cifar_env, *args, "--save_every_steps", 1, new_session=True)
+    wait_for(run_dir / "checkpoint-1-step2.pt", process)
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Resume with:" in stdout
+    result = run_train(*args, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    # Two loader workers or none: the same augmentation, the same run.
+    assert_same_run(low_precision_run, run_dir, epochs=4)
+
+
+def test_resuming_another_runs_checkpoint_into_a_used_directory_is_refused(run_train, fp_checkpoint, tmp_path):
+    run_dir = tmp_path / "other"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text('{"status": "finished"}')
+    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", fp_checkpoint)
+    one_line_error(result, "already holds a run; resume with one of its own checkpoints")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]
+
+
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text("old")
+    (run_dir / "checkpoint-3.pt").write_text("old")
+    result = run_train(*FP_RUN, "--data_path", tmp_path / "no-data", "--dir", run_dir, "--overwrite")
+    one_line_error(result, "could not be downloaded")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-3.pt", "results.json"]
+
+
+def test_a_mid_epoch_checkpoint_needs_the_same_process_count(run_train, fp_checkpoint, tmp_path):
+    checkpoint = torch.load(fp_checkpoint, weights_only=True)
+    checkpoint.update(step=1, world_size=2)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(checkpoint, run_dir / "checkpoint-1-step1.pt")
+    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", "auto")
+    one_line_error(result, "is mid-epoch and was written by 2 process(es), this run has 1")
+
+
+def test_a_stop_at_an_epochs_last_step_saves_before_evaluating(cifar_in_process, tmp_path):
+    import train
+
+    args = train.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "2",
+                             "--swa_start", "1", "--batch_size", "16", "--num_workers", "0", "--dir", str(tmp_path)])
+    training = train.Training(args, torch.device("cpu"), str(tmp_path))
+    training.open_logs(resumed=False)
+    steps = training.steps_per_epoch
+
+    class StopAtLastStep:
+        def __bool__(self):
+            return training.epoch_totals["steps"] == steps
+
+    assert not training.train_steps(StopAtLastStep())
+    path = training.save()
+    assert os.path.basename(path) == f"checkpoint-0-step{steps}.pt"
+    assert training.history == []  # no evaluation yet
+
+    resumed = train.Training(args, torch.device("cpu"), str(tmp_path))
+    resumed.load_state_dict(torch.load(path, weights_only=True), path)
+    resumed.open_logs(resumed=True)
+    assert resumed.train_steps(stop=False)  # nothing left to train in this epoch
+    record = resumed.finish_epoch()
+    assert record["epoch"] == 1 and record["swa_n"] == 1 and record["test_accuracy"] is not None
+    training.close_logs()
+    resumed.close_logs()
