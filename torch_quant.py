@@ -30,7 +30,7 @@ import torch
 SIGN_BIT = -(1 << 31)  # 0x80000000 as an int32
 EXPONENT_FIELD = 0xFF << 23
 MANTISSA_BITS = 23
-OVERFLOWING_EXPONENT = 126 << 23  # 6 * 2^126 is beyond float32
+OVERFLOWING_EXPONENT = (127 + 126) << 23  # the biased field of 2^126: 6 * 2^126 is beyond float32
 
 
 def _bits(x):

@@ -132,7 +132,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per kernel (median)")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (median)")
+    parser.add_argument("--steps", type=int, default=7, help="timed training steps per configuration (median)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "quantization_speed.json"))
     parser.add_argument("--step-config", choices=("fp", "torch", "qtorch"), help=argparse.SUPPRESS)

@@ -103,6 +103,21 @@ def test_special_values_in_fixed_and_floating_point():
                              qtorch_quant.float_quantize(specials, exp, man, "nearest"))
 
 
+def test_ordinary_blocks_take_the_fast_path(monkeypatch):
+    x = torch.randn(16, 50) * torch.logspace(-30, 30, 16).unsqueeze(1)
+    expected = qtorch_quant.block_quantize(x, 8, 0, "nearest")
+
+    def refuse(*args):
+        raise AssertionError("the bit-level clip is only for subnormal and overflowing blocks")
+
+    monkeypatch.setattr(tq, "_clip_exactly", refuse)
+    assert_bit_identical(tq.block_quantize(x, 8, 0, "nearest"), expected)
+    with pytest.raises(AssertionError):
+        tq.block_quantize(torch.tensor([[1e-40, 2e-41]]), 8, 0, "nearest")
+    with pytest.raises(AssertionError):
+        tq.block_quantize(torch.tensor([[2.0 ** 126, 1.0]]), 8, 0, "nearest")
+
+
 def test_kernels_reject_what_float32_cannot_simulate():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError):
