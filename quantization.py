@@ -77,7 +77,7 @@ def load_qtorch_backend():
         message = str(error).strip().splitlines()
         raise BackendUnavailable(message[0] if message else type(error).__name__) from None
 
-    def block(x, wl, dim=-1, rounding="stochastic", generator=None):
+    def block(x, wl, dim=-1, rounding="stochastic", generator=None, inplace=False):
         return block_quantize(x, wl, dim, rounding)
 
     def fixed(x, wl, fl, clamp=True, symmetric=False, rounding="stochastic", generator=None):
@@ -138,13 +138,13 @@ class BlockFormat:
         return (f"BlockFloatingPoint(wl={self.wl}, dim={self.dim}, small_block={self.small_block}, "
                 f"block_dim={self.block_dim})")
 
-    def quantize(self, x, rounding, backend, generator=None):
+    def quantize(self, x, rounding, backend, generator=None, inplace=False):
         if x.dim() <= SMALL_BLOCK_MAX_DIMS[self.small_block]:
-            return backend.block(x, self.wl, -1, rounding, generator)
+            return backend.block(x, self.wl, -1, rounding, generator, inplace=inplace)
         if self.block_dim == "BC" and x.dim() >= 2:
             rows = x.reshape(x.shape[0] * x.shape[1], -1)
-            return backend.block(rows, self.wl, 0, rounding, generator).view_as(x)
-        return backend.block(x, self.wl, self.dim, rounding, generator)
+            return backend.block(rows, self.wl, 0, rounding, generator, inplace=inplace).view_as(x)
+        return backend.block(x, self.wl, self.dim, rounding, generator, inplace=inplace)
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class FixedFormat:
         if not 2 <= self.wl <= 32:
             raise ValueError(f"fixed point word length must be in [2, 32], got {self.wl}")
 
-    def quantize(self, x, rounding, backend, generator=None):
+    def quantize(self, x, rounding, backend, generator=None, inplace=False):
         return backend.fixed(x, self.wl, self.fl, self.clamp, self.symmetric, rounding, generator)
 
 
@@ -176,7 +176,7 @@ class FloatFormat:
         if not 2 <= self.exp <= 8 or not 0 <= self.man <= 22:
             raise ValueError(f"floating point needs exp in [2, 8] and man in [0, 22], got {self.exp}, {self.man}")
 
-    def quantize(self, x, rounding, backend, generator=None):
+    def quantize(self, x, rounding, backend, generator=None, inplace=False):
         return backend.float(x, self.exp, self.man, rounding, generator)
 
 
@@ -225,9 +225,11 @@ class TensorQuantizer:
         self.backend = backend
         self.noise = noise
 
-    def __call__(self, x):
+    def __call__(self, x, inplace=False):
+        """The rounded tensor; with `inplace` x itself where the kernel can
+        write into it (check `result is x`)."""
         generator = None if self.noise is None else self.noise.generator(x.device)
-        return self.number_format.quantize(x, self.rounding, self.backend, generator)
+        return self.number_format.quantize(x, self.rounding, self.backend, generator, inplace=inplace)
 
     def __repr__(self):
         return f"{self.number_format}, {self.rounding}, {self.backend.name} backend"
@@ -235,17 +237,22 @@ class TensorQuantizer:
 
 class _Round(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, forward_quant, backward_quant):
+    def forward(ctx, x, forward_quant, backward_quant, inplace):
         ctx.backward_quant = backward_quant
-        # A new tensor either way: an in-place ReLU after an error-only
-        # quantizer must not modify a view of the custom Function's input.
-        return x.clone() if forward_quant is None else forward_quant(x)
+        if forward_quant is None:
+            # A new tensor: an in-place ReLU after an error-only quantizer must
+            # not modify a view of the custom Function's input.
+            return x.clone()
+        out = forward_quant(x, inplace=inplace)
+        if out is x:
+            ctx.mark_dirty(x)
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.backward_quant is None:
-            return grad_output, None, None
-        return ctx.backward_quant(grad_output), None, None
+            return grad_output, None, None, None
+        return ctx.backward_quant(grad_output), None, None, None
 
 
 class Quantizer(nn.Module):
@@ -255,16 +262,17 @@ class Quantizer(nn.Module):
     network leaves its state_dict unchanged.
     """
 
-    def __init__(self, forward_quant=None, backward_quant=None):
+    def __init__(self, forward_quant=None, backward_quant=None, inplace=False):
         super().__init__()
         self.forward_quant = forward_quant
         self.backward_quant = backward_quant
+        self.inplace = inplace
 
     def forward(self, x):
-        return _Round.apply(x, self.forward_quant, self.backward_quant)
+        return _Round.apply(x, self.forward_quant, self.backward_quant, self.inplace)
 
     def extra_repr(self):
-        return f"forward={self.forward_quant}, backward={self.backward_quant}"
+        return f"forward={self.forward_quant}, backward={self.backward_quant}, inplace={self.inplace}"
 
 
 def _quantize_output(module, inputs, output):
@@ -284,7 +292,10 @@ def insert_quantizers(net, activation_quant, error_quant, placement):
         return 0
     sites = net.quantizer_sites(placement)
     for site in sites:
-        site.add_module("quantizer", Quantizer(activation_quant, error_quant))
+        # Convolutions and linear layers keep their input, not their output,
+        # for backward: rounding their output in place saves a copy.
+        inplace = isinstance(site, (nn.Conv2d, nn.Linear))
+        site.add_module("quantizer", Quantizer(activation_quant, error_quant, inplace))
         site.register_forward_hook(_quantize_output)
     return len(sites)
 

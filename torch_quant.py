@@ -114,23 +114,24 @@ def block_max(x, dim):
     return torch.maximum(x.amax(dim=others, keepdim=True), -x.amin(dim=others, keepdim=True))
 
 
-def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None):
+def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None, inplace=False):
     """Block floating point with `wl` bits (sign included) per number; blocks
     share the exponent of their largest magnitude. dim -1: one block; else
-    one block per index of `dim`."""
+    one block per index of `dim`. With `inplace` (and x contiguous) the
+    result is written into x, which saves an allocation of x's size."""
     _check(x, rounding)
     if x.numel() == 0:
-        return x.clone()
+        return x if inplace else x.clone()
     peak = block_max(x, dim)
     max_exponent = _bits(peak) & EXPONENT_FIELD
     # Adding 6 * 2^e moves every value of the block to exponent e + 2, where
     # `wl` mantissa bits leave steps of 2^(e - wl + 2).
     base = _float(max_exponent) * 6
-    rebased = (x + base).contiguous()
+    rebased = x.add_(base) if inplace and x.is_contiguous() else (x + base).contiguous()
     _round_mantissa(_bits(rebased), wl, rounding, generator)
     largest = _float(max_exponent | _largest_mantissa(wl - 2))
     if bool((((max_exponent == 0) & (peak != 0)) | (max_exponent >= OVERFLOWING_EXPONENT)).any()):
-        return _clip_exactly(rebased - base, max_exponent, largest)
+        return rebased.copy_(_clip_exactly(rebased - base, max_exponent, largest))
     # qtorch clips whatever rounded past the block's exponent to the largest
     # magnitude with wl - 2 fraction bits. In a block with a normal exponent
     # nothing on the grid lies between that magnitude and 2^(e+1), so the clip

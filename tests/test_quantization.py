@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import models
 import quantization
 from grid import on_block_grid
 from quantization import BlockFormat, Quantizer, TensorQuantizer
@@ -149,3 +150,23 @@ def test_block_dim_bc_gives_each_channel_of_each_sample_its_exponent(backend):
 def test_block_format_rejects_what_it_cannot_simulate(bad):
     with pytest.raises(ValueError):
         BlockFormat(**bad)
+
+
+def test_in_place_output_rounding_matches_the_copying_one():
+    torch.manual_seed(0)
+    nets = [models.build_model("PreResNet20", num_classes=10) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    forward = TensorQuantizer(BlockFormat(6), "nearest")
+    backward = TensorQuantizer(BlockFormat(5), "nearest")
+    quantization.insert_quantizers(nets[0], forward, backward, "layer")
+    for site in nets[1].quantizer_sites("layer"):  # the same sites, copying
+        site.add_module("quantizer", Quantizer(forward, backward, inplace=False))
+        site.register_forward_hook(quantization._quantize_output)
+    assert all(site.quantizer.inplace for site in nets[0].quantizer_sites("layer"))
+    inputs = torch.randn(4, 3, 32, 32)
+    outputs = [net(inputs) for net in nets]
+    assert torch.equal(outputs[0], outputs[1])
+    for output in outputs:
+        output.square().sum().backward()
+    for ours, theirs in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(ours.grad, theirs.grad)

@@ -36,7 +36,11 @@ def hard_inputs():
 @pytest.mark.parametrize("dim", [-1, 0, 1, 2, 3])
 def test_block_nearest_is_bit_identical(wl, dim):
     x = hard_inputs()
-    assert_bit_identical(tq.block_quantize(x, wl, dim, "nearest"), qtorch_quant.block_quantize(x, wl, dim, "nearest"))
+    expected = qtorch_quant.block_quantize(x, wl, dim, "nearest")
+    assert_bit_identical(tq.block_quantize(x, wl, dim, "nearest"), expected)
+    in_place = x.clone()
+    assert tq.block_quantize(in_place, wl, dim, "nearest", inplace=True) is in_place
+    assert_bit_identical(in_place, expected)
 
 
 @pytest.mark.parametrize("view", [lambda x: x.transpose(0, 3), lambda x: x[:, ::2, 1:], lambda x: x.flatten()[::3],
