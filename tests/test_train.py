@@ -176,3 +176,24 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(run_train, tmp_path):
     result = run_train("--data_path", run_train.data_path, "--model", "VGG16", "--epochs", 1, "--swa_start", 1,
                        "--dir", tmp_path / "run", "--resume", tmp_path / "nope.pt", *SMALL)
     assert result.returncode == 2 and "nope.pt does not exist" in result.stderr
+
+
+def test_eval_freq_and_the_originals_quantizer_options_end_to_end(run_train, tmp_path):
+    run_dir = tmp_path / "options"
+    result = run_train("--dataset", "CIFAR10", "--data_path", run_train.data_path, "--model", "PreResNet20",
+                       "--epochs", 4, "--swa_start", 1, "--eval_freq", 3, *EIGHT_BIT, "--quant-type", "nearest",
+                       "--small-block", "FC", "--block-dim", "BC", "--quant-placement", "relu", "--dir", run_dir,
+                       *SMALL)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    # Evaluated at swa_start (1), every 3rd epoch and at the end; not at epoch 2.
+    assert [record["test_accuracy"] is not None for record in results["epochs"]] == [True, False, True, True]
+    config = results["config"]
+    assert (config["rounding"], config["small_block"], config["block_dim"]) == ("nearest", "FC", "BC")
+    assert results["activation_quantizers"] == 1 + 9 * 3  # stem conv, and per block its ReLU and two convs
+    model = torch.load(run_dir / "checkpoint-4.pt", weights_only=True)["model_state"]
+    weight = model["layer1.0.conv1.weight"]
+    # BC: one exponent per (output, input) channel pair; FC: the 1-D classifier bias shares one.
+    assert on_block_grid(weight, 8, rows=weight.reshape(weight.shape[0] * weight.shape[1], -1))
+    bias = model["fc.bias"]
+    assert on_block_grid(bias, 8, rows=bias.reshape(1, -1))
