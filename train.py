@@ -421,7 +421,8 @@ class Training:
         loss_sum, correct, seen = distributed.sum_across(
             world, [totals["loss_sum"], totals["correct"], totals["seen"]], self.device)
         totals.update(loss_sum=loss_sum, correct=int(correct), seen=int(seen))
-        digests = distributed.gather_objects(world, self.replica_digest())
+        # Replicas exist only in data-parallel runs; a lone process skips the checksum.
+        digests = distributed.gather_objects(world, self.replica_digest()) if world.distributed else []
         if len(set(digests)) > 1:
             raise RuntimeError(f"data-parallel replicas have drifted apart: digests {digests}")
         return dict(

@@ -143,6 +143,9 @@ def test_replica_drift_is_detected(cifar_in_process, tmp_path, monkeypatch):
     weight = next(training.net.parameters()).data
     weight.view(-1).view(torch.int32)[0] ^= 1  # one bit of one weight
     assert training.replica_digest() != digest
+    # Pretend to be rank 0 of two whose partner reports another digest.
+    training.world = distributed.World(0, 2, 0)
+    monkeypatch.setattr(distributed, "sum_across", lambda world, values, device: list(values))
     monkeypatch.setattr(distributed, "gather_objects", lambda world, value: [value, value + 1])
     with pytest.raises(RuntimeError, match="replicas have drifted apart"):
         training.state_dict()

@@ -94,3 +94,12 @@ def test_example_imagenet_sh_runs_through_torchrun(fake_cifar_env, imagenet_root
     config = json.loads((run_dir / "results.json").read_text())["config"]
     assert config["model"] == "ResNet18" and config["dataset"] == "ImageNet" and config["wl_acc"] == 8
     assert torch.load(run_dir / "checkpoint-1.pt", weights_only=True)["world_size"] == 2
+
+
+def test_train_and_val_class_folders_must_match(imagenet_root, tmp_path):
+    import shutil
+
+    shutil.copytree(imagenet_root, tmp_path / "copy")
+    (tmp_path / "copy" / "val" / CLASSES[1]).rename(tmp_path / "copy" / "val" / "n99999999")
+    with pytest.raises(utils.UserError, match="class folders of .* differ"):
+        utils.load_data("ImageNet", str(tmp_path / "copy"))

@@ -268,3 +268,12 @@ def test_a_stop_at_an_epochs_last_step_saves_before_evaluating(cifar_in_process,
     assert record["epoch"] == 1 and record["swa_n"] == 1 and record["test_accuracy"] is not None
     training.close_logs()
     resumed.close_logs()
+
+
+def test_resume_auto_in_a_directory_with_results_but_no_checkpoint(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text('{"status": "running"}')
+    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", "auto")
+    one_line_error(result, "holds results.json but no checkpoint to continue from")
+    assert (run_dir / "results.json").read_text() == '{"status": "running"}'

@@ -49,9 +49,11 @@ def test_full_precision_vgg16_on_cifar100(run_train, tmp_path):
     run_dir = tmp_path / "fp"
     result = run_train("--dataset", "CIFAR100", "--data_path", run_train.data_path, "--model", "VGG16",
                        "--epochs", 3, "--swa_start", 2, "--lr_init", 0.01, "--save_freq", 2,
-                       "--dir", run_dir, *SMALL)
+                       "--momentum", 0.8, "--wd", 3e-4, "--dir", run_dir, *SMALL)
     results = check_run(result, run_dir, epochs=3, swa_start=2, checkpoints=[2, 3])
     assert results["activation_quantizers"] == 0
+    group = torch.load(run_dir / "checkpoint-3.pt", weights_only=True)["optimizer_state"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.8, 3e-4)
     assert "qtorch" not in result.stderr
     assert [record["lr"] for record in results["epochs"]] == pytest.approx([0.01, 0.01, 0.01])
 

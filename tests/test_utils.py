@@ -121,3 +121,18 @@ def test_mid_epoch_checkpoints_supersede_each_other(tmp_path):
     for epoch, step in ((1, 0), (1, 1), (1, 2), (2, 0), (2, 1)):
         utils.save_checkpoint(str(tmp_path), {"epoch": epoch, "step": step})
     assert [(e, s) for e, s, _ in utils.list_checkpoints(str(tmp_path))] == [(1, 0), (2, 0), (2, 1)]
+
+
+def test_unreadable_data_with_valid_checksums_is_a_user_error(cifar_in_process, tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    from torchvision.datasets import CIFAR10
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cifar_in_process / "cifar10", copy / "cifar10")
+    garbage = copy / "cifar10" / "cifar-10-batches-py" / "test_batch"
+    garbage.write_bytes(b"not a pickle")
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", hashlib.md5(b"not a pickle").hexdigest()]])
+    with pytest.raises(utils.UserError, match="cannot be read"):
+        utils.load_cifar("CIFAR10", str(copy))
