@@ -194,3 +194,48 @@ def float_quantize(x, exp, man, rounding="stochastic", generator=None):
     overflow = ((normal >> 23) & 0xFF) > max_exponent
     normal = torch.where(overflow, (bits & SIGN_BIT) | largest, normal)
     return torch.where(subnormal, small, _float(normal))
+
+
+# OCP-style floats and Microscaling (MX). Unlike qtorch's float format above,
+# these follow the OCP specifications (8-bit floating point v1.0, MX v1.0):
+# nearest rounding ties to even, and conversion saturates to the largest
+# finite value; qtorch has no such kernel, hence our own.
+
+
+def minifloat_quantize(x, man, min_exponent, largest, rounding="stochastic", generator=None):
+    """A float with `man` mantissa bits, normal exponents from `min_exponent`
+    up (subnormals below, with the step of the smallest normal binade),
+    saturating at ±`largest`: finite values and ±inf beyond it become
+    ±largest; NaN stays NaN. Nearest rounding ties to even; stochastic
+    rounding goes to the upper of the two neighbouring grid points with
+    probability equal to the distance from the lower one in steps (to
+    within float32's 2^-24 resolution of uniform noise)."""
+    _check(x, rounding)
+    _, exponent = torch.frexp(x)  # |x| in [2^(exponent-1), 2^exponent)
+    # Powers of two bring each value's last kept bit to 1: scaling is exact.
+    shift = man + 1 - exponent.clamp_(min=min_exponent + 1)
+    scaled = torch.ldexp(x, shift)
+    if rounding == "nearest":
+        rounded = torch.round(scaled)
+    else:
+        rounded = torch.floor(scaled)
+        noise = torch.rand(x.shape, device=x.device, generator=generator)
+        rounded += noise < (scaled - rounded)
+    return torch.ldexp(rounded, -shift).clamp_(-largest, largest)
+
+
+def mx_quantize(blocks, man, min_exponent, emax, largest, rounding="stochastic", generator=None):
+    """OCP Microscaling: each row of the 2-D `blocks` shares the power-of-two
+    scale X = 2^(floor(log2(max |row|)) - emax), clamped to E8M0's range
+    2^-127..2^127, and each value becomes X times a `minifloat_quantize`d
+    element (`man`, `min_exponent`, `largest`: the element format; `emax`
+    its largest normal exponent). Rows holding inf or NaN become all NaN
+    (their scale is NaN)."""
+    _check(blocks, rounding)
+    if blocks.dim() != 2:
+        raise ValueError(f"MX blocks must be a 2-D tensor of rows, got {blocks.dim()} dimensions")
+    peak = blocks.abs().amax(dim=1, keepdim=True)
+    _, exponent = torch.frexp(peak)
+    shared = (exponent - 1 - emax).clamp_(-127, 127)
+    elements = minifloat_quantize(torch.ldexp(blocks, -shared), man, min_exponent, largest, rounding, generator)
+    return torch.ldexp(elements, shared).masked_fill_(~peak.isfinite(), float("nan"))
