@@ -21,6 +21,7 @@ Spec grammar (case-insensitive):
                               OCP Microscaling: blocks of 32 share an E8M0 scale
 """
 
+import argparse
 import math
 import re
 from dataclasses import dataclass
@@ -285,3 +286,33 @@ def canonical(spec):
 def path_tag(spec):
     """`spec` as it appears in run directory names (no path separator)."""
     return canonical(spec).replace("/", "k")
+
+
+def argument(text):
+    """An argparse type: the canonical spec, or an ArgumentTypeError naming what is wrong."""
+    try:
+        return canonical(text)
+    except FormatError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def per_kind(word_lengths, specs, every=None):
+    """Each number kind's format from the command line: `word_lengths` maps
+    kinds to --wl-<kind> (None where not given), `specs` to --format-<kind>
+    (canonical, None where not given), `every` is --format. A kind's own
+    spec wins over --format; a word length and a spec for one kind are
+    refused (FormatError). Returns (word lengths, specs) with -1 and None
+    where a kind is full precision, and block floating point without a
+    block size (bfp<wl>) as its word length, so that `--format-weight bfp8`
+    and `--wl-weight 8` are one run."""
+    lengths, chosen = {}, {}
+    for kind, wl in word_lengths.items():
+        spec, flag = (specs[kind], f"--format-{kind}") if specs.get(kind) else (every, "--format")
+        if spec is not None and wl is not None:
+            raise FormatError(f"--wl-{kind} and {flag} both set the {kind} format; keep one")
+        number_format = parse(spec) if spec is not None else None
+        if isinstance(number_format, BlockFormat) and not number_format.block_size:
+            wl, number_format = number_format.wl, None
+        lengths[kind] = -1 if wl is None else wl
+        chosen[kind] = None if number_format is None else number_format.spec
+    return lengths, chosen

@@ -202,6 +202,11 @@ def float_quantize(x, exp, man, rounding="stochastic", generator=None):
 # finite value; qtorch has no such kernel, hence our own.
 
 
+def _power_of_two(exponent):
+    """2^exponent as float32, built from its bits (exponent an int32 tensor in -126..127)."""
+    return _float((exponent + 127) << MANTISSA_BITS)
+
+
 def minifloat_quantize(x, man, min_exponent, largest, rounding="stochastic", generator=None):
     """A float with `man` mantissa bits, normal exponents from `min_exponent`
     up (subnormals below, with the step of the smallest normal binade),
@@ -211,17 +216,20 @@ def minifloat_quantize(x, man, min_exponent, largest, rounding="stochastic", gen
     probability equal to the distance from the lower one in steps (to
     within float32's 2^-24 resolution of uniform noise)."""
     _check(x, rounding)
-    _, exponent = torch.frexp(x)  # |x| in [2^(exponent-1), 2^exponent)
-    # Powers of two bring each value's last kept bit to 1: scaling is exact.
-    shift = man + 1 - exponent.clamp_(min=min_exponent + 1)
-    scaled = torch.ldexp(x, shift)
+    if not 1 <= man <= 22 or not -126 + man <= min_exponent:
+        raise ValueError(f"minifloat needs man in [1, 22] and min_exponent >= man - 126, got {man}, {min_exponent}")
+    # The exponent of each value's grid step; float32 subnormals, inf and NaN
+    # land on the clamps, where the arithmetic below keeps them right.
+    exponent = (((_bits(x) >> MANTISSA_BITS) & 0xFF) - 127).clamp_(min_exponent, 127) - man
+    # Multiplying by powers of two is exact here: steps become integers.
+    scaled = x * _power_of_two(-exponent)
     if rounding == "nearest":
-        rounded = torch.round(scaled)
+        rounded = scaled.round_()
     else:
         rounded = torch.floor(scaled)
         noise = torch.rand(x.shape, device=x.device, generator=generator)
         rounded += noise < (scaled - rounded)
-    return torch.ldexp(rounded, -shift).clamp_(-largest, largest)
+    return rounded.mul_(_power_of_two(exponent)).clamp_(-largest, largest)
 
 
 def mx_quantize(blocks, man, min_exponent, emax, largest, rounding="stochastic", generator=None):
@@ -234,8 +242,11 @@ def mx_quantize(blocks, man, min_exponent, emax, largest, rounding="stochastic",
     _check(blocks, rounding)
     if blocks.dim() != 2:
         raise ValueError(f"MX blocks must be a 2-D tensor of rows, got {blocks.dim()} dimensions")
-    peak = blocks.abs().amax(dim=1, keepdim=True)
-    _, exponent = torch.frexp(peak)
+    peak = torch.maximum(blocks.amax(dim=1, keepdim=True), -blocks.amin(dim=1, keepdim=True))
+    _, exponent = torch.frexp(peak)  # exact for float32 subnormals too
     shared = (exponent - 1 - emax).clamp_(-127, 127)
-    elements = minifloat_quantize(torch.ldexp(blocks, -shared), man, min_exponent, largest, rounding, generator)
-    return torch.ldexp(elements, shared).masked_fill_(~peak.isfinite(), float("nan"))
+    # One scale per row (ldexp reaches 2^-127, below float32's normal range);
+    # elements keep few enough bits that scaling them back is exact.
+    unscale, scale = torch.ldexp(torch.ones_like(peak), -shared), torch.ldexp(torch.ones_like(peak), shared)
+    elements = minifloat_quantize(blocks * unscale, man, min_exponent, largest, rounding, generator)
+    return elements.mul_(scale).masked_fill_(~peak.isfinite(), float("nan"))
