@@ -18,7 +18,9 @@ Spec grammar (case-insensitive):
     fp8e4m3, fp8e5m2          OCP 8-bit floats (448 and 57344, like torch.float8_e4m3fn and
                               float8_e5m2), ties to even, saturating
     mxfp8 (= mxfp8e4m3), mxfp8e5m2, mxfp6e2m3, mxfp6e3m2, mxfp4 (= mxfp4e2m1), mxint8
-                              OCP Microscaling: blocks of 32 share an E8M0 scale
+                              OCP Microscaling: blocks of 32 share an E8M0 scale, the spec's
+                              2^(floor(log2 max) - emax of the element)
+    <mx spec>-ceil            ... with the smallest scale that saturates nothing (NVIDIA's rounding)
 """
 
 import argparse
@@ -30,7 +32,7 @@ from typing import ClassVar
 import torch
 
 GRAMMAR = ("fp32, bfp<wl>, bfp<wl>/<k>, fixed<wl>.<fl>, e<exp>m<man>, bf16, fp16, fp8e4m3, fp8e5m2, "
-           "mxfp8 (= mxfp8e4m3), mxfp8e5m2, mxfp6e2m3, mxfp6e3m2, mxfp4, mxint8")
+           "mxfp8 (= mxfp8e4m3), mxfp8e5m2, mxfp6e2m3, mxfp6e3m2, mxfp4, mxint8, and any mx spec with -ceil")
 FULL_PRECISION = "fp32"
 
 # Tensors with at most this many dimensions share one exponent ("small block").
@@ -221,32 +223,42 @@ MX_BLOCK = 32  # OCP MX v1.0: every MX format has blocks of 32
 @dataclass(frozen=True)
 class MXFormat:
     """OCP Microscaling: blocks of 32 consecutive elements of each row share
-    an E8M0 scale 2^(floor(log2(max |x|)) - emax of the element) (the
-    spec's rounding of the scale), the elements are converted with
-    saturation. Rows as in `row_blocks`."""
+    an E8M0 scale, the elements are converted with saturation. Rows as in
+    `row_blocks`. `scale` floor is the spec's 2^(floor(log2(max |x|)) - emax
+    of the element), which clamps a block's largest values to the largest
+    element when their mantissa exceeds the element's (e.g. [448, 512) x
+    scale for E4M3); ceil is the smallest scale that clamps nothing."""
 
     element: Element
+    scale: str = "floor"
     kernel: ClassVar[str] = "mx"
+
+    def __post_init__(self):
+        if self.scale not in ("floor", "ceil"):
+            raise ValueError(f"MX scale rounding must be floor or ceil, got {self.scale!r}")
 
     @property
     def spec(self):
         name = self.element.name
-        return "mxint8" if name == "int8" else f"mxfp{self.element.bits}{name}"
+        return ("mxint8" if name == "int8" else f"mxfp{self.element.bits}{name}") + (
+            "-ceil" if self.scale == "ceil" else "")
 
     def __str__(self):
-        return f"MX {self.spec} ({self.element.name.upper()} elements, E8M0 scale per block of {MX_BLOCK})"
+        return (f"MX {self.spec} ({self.element.name.upper()} elements, E8M0 {self.scale} scale per block of "
+                f"{MX_BLOCK})")
 
     def quantize(self, x, rounding, backend, generator=None, inplace=False):
         blocks, restore = row_blocks(x, MX_BLOCK)
         element = self.element
         return restore(backend.mx(blocks, element.man, element.min_exponent, element.emax, element.largest,
-                                  rounding, generator))
+                                  rounding, generator, self.scale))
 
 
-PRESETS = {"bf16": "e8m7", "fp16": "e5m10", "mxfp8": "mxfp8e4m3", "mxfp4": "mxfp4e2m1"}
+PRESETS = {"bf16": "e8m7", "fp16": "e5m10", "mxfp8": "mxfp8e4m3", "mxfp4": "mxfp4e2m1", "mxfp8-ceil": "mxfp8e4m3-ceil",
+           "mxfp4-ceil": "mxfp4e2m1-ceil"}
 NAMED = {number_format.spec: number_format for number_format in (
     *(OCPFloatFormat(ELEMENTS[name]) for name in ("e4m3", "e5m2")),
-    *(MXFormat(element) for element in ELEMENTS.values()))}
+    *(MXFormat(element, scale) for element in ELEMENTS.values() for scale in ("floor", "ceil")))}
 
 
 def _build(spec):

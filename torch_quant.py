@@ -232,21 +232,29 @@ def minifloat_quantize(x, man, min_exponent, largest, rounding="stochastic", gen
     return rounded.mul_(_power_of_two(exponent)).clamp_(-largest, largest)
 
 
-def mx_quantize(blocks, man, min_exponent, emax, largest, rounding="stochastic", generator=None):
-    """OCP Microscaling: each row of the 2-D `blocks` shares the power-of-two
-    scale X = 2^(floor(log2(max |row|)) - emax), clamped to E8M0's range
-    2^-127..2^127, and each value becomes X times a `minifloat_quantize`d
-    element (`man`, `min_exponent`, `largest`: the element format; `emax`
-    its largest normal exponent). Rows holding inf or NaN become all NaN
-    (their scale is NaN)."""
+def mx_quantize(blocks, man, min_exponent, emax, largest, rounding="stochastic", generator=None, scale="floor"):
+    """OCP Microscaling: each row of the 2-D `blocks` shares a power-of-two
+    scale X, clamped to E8M0's range 2^-127..2^127, and each value becomes X
+    times a `minifloat_quantize`d element (`man`, `min_exponent`, `largest`:
+    the element format; `emax` its largest normal exponent). `scale` floor
+    (the OCP MX v1.0 spec): X = 2^(floor(log2(max |row|)) - emax), which
+    saturates a row's largest values where they exceed `largest` X; ceil: the
+    smallest X with max |row| <= largest X, which never saturates (NVIDIA's
+    and torchao's RCEIL). Rows holding inf or NaN become all NaN (their scale
+    is NaN)."""
     _check(blocks, rounding)
     if blocks.dim() != 2:
         raise ValueError(f"MX blocks must be a 2-D tensor of rows, got {blocks.dim()} dimensions")
+    if scale not in ("floor", "ceil"):
+        raise ValueError(f"MX scale rounding must be floor or ceil, got {scale!r}")
     peak = torch.maximum(blocks.amax(dim=1, keepdim=True), -blocks.amin(dim=1, keepdim=True))
     _, exponent = torch.frexp(peak)  # exact for float32 subnormals too
-    shared = (exponent - 1 - emax).clamp_(-127, 127)
+    shared = exponent - 1 - emax
+    one = torch.ones_like(peak)
+    if scale == "ceil":
+        shared += peak > largest * torch.ldexp(one, shared)
+    shared.clamp_(-127, 127)
     # One scale per row (ldexp reaches 2^-127, below float32's normal range);
     # elements keep few enough bits that scaling them back is exact.
-    unscale, scale = torch.ldexp(torch.ones_like(peak), -shared), torch.ldexp(torch.ones_like(peak), shared)
-    elements = minifloat_quantize(blocks * unscale, man, min_exponent, largest, rounding, generator)
-    return elements.mul_(scale).masked_fill_(~peak.isfinite(), float("nan"))
+    elements = minifloat_quantize(blocks * torch.ldexp(one, -shared), man, min_exponent, largest, rounding, generator)
+    return elements.mul_(torch.ldexp(one, shared)).masked_fill_(~peak.isfinite(), float("nan"))

@@ -33,7 +33,8 @@ def assert_same_numbers(actual, expected):
     ("fp32", "fp32"), ("BFP8", "bfp8"), ("bfp8/32", "bfp8/32"), ("fixed8.6", "fixed8.6"), ("e4m3", "e4m3"),
     ("E5M2", "e5m2"), ("e3m4", "e3m4"), ("bf16", "e8m7"), ("FP16", "e5m10"), ("fp8e4m3", "fp8e4m3"),
     ("fp8e5m2", "fp8e5m2"), ("mxfp8", "mxfp8e4m3"), ("MXFP8E4M3", "mxfp8e4m3"), ("mxfp8e5m2", "mxfp8e5m2"),
-    ("mxfp6e2m3", "mxfp6e2m3"), ("mxfp6e3m2", "mxfp6e3m2"), ("mxfp4", "mxfp4e2m1"), ("mxint8", "mxint8")])
+    ("mxfp6e2m3", "mxfp6e2m3"), ("mxfp6e3m2", "mxfp6e3m2"), ("mxfp4", "mxfp4e2m1"), ("mxint8", "mxint8"),
+    ("MXFP8-CEIL", "mxfp8e4m3-ceil"), ("mxint8-ceil", "mxint8-ceil"), ("mxfp4-ceil", "mxfp4e2m1-ceil")])
 def test_every_spec_of_the_grammar_has_one_canonical_spelling(spec, canonical):
     assert formats.canonical(spec) == canonical
     number_format = formats.parse(spec)
@@ -57,7 +58,8 @@ def test_specs_build_the_formats_they_name():
 @pytest.mark.parametrize("spec, complaint", [
     ("bfp1", "block word length must be in [2, 22]"), ("bfp8/0", "positive size"), ("e9m2", "exp in [2, 8]"),
     ("e4m23", "man in [0, 22]"), ("fixed40.4", "word length must be in [2, 32]"), ("mxfp6e4m3", "not a number format"),
-    ("fp8", "not a number format"), ("bfp8/", "not a number format"), ("int8", "not a number format")])
+    ("fp8", "not a number format"), ("bfp8/", "not a number format"), ("int8", "not a number format"),
+    ("e4m3-ceil", "not a number format")])
 def test_bad_specs_say_what_is_wrong_in_one_line(spec, complaint):
     with pytest.raises(FormatError) as error:
         formats.parse(spec)
@@ -121,14 +123,25 @@ def mx_cases():
 @pytest.mark.parametrize("spec, dtype_name", [("mxfp8e4m3", "float8_e4m3fn"), ("mxfp8e5m2", "float8_e5m2"),
                                               ("mxfp6e2m3", "DTYPE_FP6_E2M3"), ("mxfp6e3m2", "DTYPE_FP6_E3M2"),
                                               ("mxfp4", "float4_e2m1fn_x2")])
-def test_mx_nearest_equals_torchao(spec, dtype_name):
+@pytest.mark.parametrize("scale", ["floor", "ceil"])
+def test_mx_nearest_equals_torchao(spec, dtype_name, scale):
     mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
     constants = pytest.importorskip("torchao.prototype.mx_formats.constants")
     dtype = getattr(torch, dtype_name, None) or getattr(constants, dtype_name)
     x = mx_cases()
-    scale, data = mx.to_mx(x, dtype, 32)  # the spec's floor scale (torchao's default)
-    expected = mx.to_dtype(data, scale, dtype, 32, torch.float32)
-    assert_bit_identical(formats.parse(spec).quantize(x, "nearest", TORCH), expected)
+    # torchao's FLOOR is the spec's scale, its RCEIL the smallest scale that saturates nothing.
+    mode = mx.ScaleCalculationMode.FLOOR if scale == "floor" else mx.ScaleCalculationMode.RCEIL
+    scales, data = mx.to_mx(x, dtype, 32, mode)
+    expected = mx.to_dtype(data, scales, dtype, 32, torch.float32)
+    number_format = formats.parse(spec + ("-ceil" if scale == "ceil" else ""))
+    assert_bit_identical(number_format.quantize(x, "nearest", TORCH), expected)
+
+
+def test_the_floor_scale_saturates_a_blocks_largest_values_and_the_ceil_scale_does_not():
+    x = torch.linspace(0.25, 7.9, 32)  # the maximum, 7.9, has scale 2^(2 - 8) and lies above 448 x 2^-6 = 7
+    floor, ceil = (formats.parse(spec).quantize(x, "nearest", TORCH) for spec in ("mxfp8", "mxfp8-ceil"))
+    assert floor.max() == 7 and ceil.max() == 8  # ceil: scale 2^-5, 7.9 rounds to 256 x 2^-5
+    assert (floor[x < 6.5] == formats.parse("fp8e4m3").quantize(x[x < 6.5], "nearest", TORCH)).all()
 
 
 def mx_reference(x, element, rounding_up=None):
