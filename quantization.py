@@ -260,7 +260,7 @@ def build_quantizers(word_lengths, rounding, small_block="None", block_dim="B",
             number_format = None if number_format == -1 else BlockFormat(number_format, 0, small_block, block_dim)
         if number_format is None:
             continue
-        chosen = optimizer_backend or backend if kind in OPTIMIZER_KINDS else backend
+        chosen = (optimizer_backend or backend) if kind in OPTIMIZER_KINDS else backend
         if not chosen.supports(number_format):
             if fallback is None:
                 raise UnsupportedFormat(f"the {chosen.name} backend cannot compute {number_format.spec} "

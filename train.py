@@ -304,8 +304,8 @@ def build_quantizers(args, device, noise, world=distributed.World()):
     accumulators alike, which qtorch's kernels (noise from the operating
     system or from each rank's own generator) cannot: there the optimizer's
     rounding always uses ours."""
-    lengths = {kind: formats.parse(spec) if spec else word_lengths(args)[kind]
-               for kind, spec in format_specs(args).items()}
+    lengths = word_lengths(args)
+    lengths.update({kind: formats.parse(spec) for kind, spec in format_specs(args).items() if spec})
     if all(wl == -1 for wl in lengths.values()):
         return dict.fromkeys(quantization.NUMBER_KINDS), None
     try:
