@@ -13,8 +13,8 @@ import torch_quant
 from runs import SMALL
 from utils import UserError
 
-MIXED = ["--format-weight", "MXFP8", "--format-activate", "e4m3", "--format-grad", "fixed8.6",
-         "--format-error", "fp8e5m2", "--format-momentum", "bfp8/32", "--format-acc", "mxint8"]
+MIXED = ["--format-weight", "MXFP8", "--format-activate", "fp8e5m2", "--format-grad", "fixed8.6",
+         "--format-error", "e4m3", "--format-momentum", "bfp8/32", "--format-acc", "mxint8"]
 
 
 def on_grid(tensor, spec):
@@ -31,14 +31,14 @@ def test_a_run_with_a_format_per_kind(cifar_in_process, tmp_path, capsys):
     run_dir = tmp_path / "mixed"
     train_in_process(cifar_in_process, run_dir, "--epochs", "1", *MIXED)
     result = capsys.readouterr()
-    for line in ("weight    : MX mxfp8e4m3 (E4M3 elements, E8M0 scale per block of 32)",
-                 "activate  : FloatFormat(exp=4, man=3)", "grad      : FixedFormat(wl=8, fl=6",
-                 "error     : OCP FP8 E5M2 (largest 57344, saturating)",
+    for line in ("weight    : MX mxfp8e4m3 (E4M3 elements, E8M0 floor scale per block of 32)",
+                 "activate  : OCP FP8 E5M2 (largest 57344, saturating)", "grad      : FixedFormat(wl=8, fl=6",
+                 "error     : FloatFormat(exp=4, man=3)",
                  "momentum  : BlockFloatingPoint(wl=8, block_size=32)", "acc       : MX mxint8"):
         assert line in result.out, line
     config = json.loads((run_dir / "results.json").read_text())["config"]
     assert [config[f"format_{kind}"] for kind in quantization.NUMBER_KINDS] == [
-        "mxfp8e4m3", "e4m3", "fixed8.6", "fp8e5m2", "bfp8/32", "mxint8"]
+        "mxfp8e4m3", "fp8e5m2", "fixed8.6", "e4m3", "bfp8/32", "mxint8"]
     assert all(config[f"wl_{kind}"] == -1 for kind in quantization.NUMBER_KINDS)
 
     checkpoint = torch.load(run_dir / "checkpoint-1.pt", weights_only=True)
@@ -65,7 +65,7 @@ def flags(*extra):
 
 
 def test_run_names_carry_the_formats():
-    assert train.precision_tag(flags(*MIXED)) == "Wmxfp8e4m3Ae4m3Gfixed8.6Efp8e5m2Mbfp8k32Accmxint8"
+    assert train.precision_tag(flags(*MIXED)) == "Wmxfp8e4m3Afp8e5m2Gfixed8.6Ee4m3Mbfp8k32Accmxint8"
     assert train.precision_tag(flags("--format", "bfp8", "--format-acc", "fp32")) == "W8A8G8E8M8"
     assert train.precision_tag(flags("--format", "fp32")) == "FP"
 
