@@ -46,7 +46,8 @@ def test_a_run_with_a_format_per_kind(cifar_in_process, tmp_path, capsys):
     assert all(on_grid(weight, "mxfp8") for weight in weights)
     assert not all(on_grid(weight, "mxfp4") for weight in weights)  # not merely on a coarser grid by accident
     assert all(on_grid(accumulator, "mxint8") for accumulator in checkpoint["weight_acc"])
-    assert all(on_grid(state["momentum_buffer"], "bfp8/32") for state in checkpoint["optimizer_state"]["state"].values())
+    momenta = [state["momentum_buffer"] for state in checkpoint["optimizer_state"]["state"].values()]
+    assert momenta and all(on_grid(momentum, "bfp8/32") for momentum in momenta)
 
     events = EventAccumulator(str(run_dir))
     events.Reload()

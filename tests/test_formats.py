@@ -96,7 +96,8 @@ def test_fixed_float_and_blocked_formats_are_bit_identical_to_qtorch(spec):
         x = x * 1e-36
     if spec.startswith("bfp"):
         x = x[:-3].reshape(24, 40)  # blocks with inf or NaN are checked in test_torch_quant
-    assert_bit_identical(number_format.quantize(x, "nearest", TORCH), number_format.quantize(x, "nearest", qtorch_backend))
+    assert_bit_identical(number_format.quantize(x, "nearest", TORCH),
+                         number_format.quantize(x, "nearest", qtorch_backend))
 
 
 def test_a_block_size_gives_each_run_of_k_elements_of_a_row_its_own_exponent():
