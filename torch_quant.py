@@ -202,11 +202,6 @@ def float_quantize(x, exp, man, rounding="stochastic", generator=None):
 # finite value; qtorch has no such kernel, hence our own.
 
 
-def _power_of_two(exponent):
-    """2^exponent as float32, built from its bits (exponent an int32 tensor in -126..127)."""
-    return _float((exponent + 127) << MANTISSA_BITS)
-
-
 def minifloat_quantize(x, man, min_exponent, largest, rounding="stochastic", generator=None):
     """A float with `man` mantissa bits, normal exponents from `min_exponent`
     up (subnormals below, with the step of the smallest normal binade),
@@ -216,20 +211,23 @@ def minifloat_quantize(x, man, min_exponent, largest, rounding="stochastic", gen
     probability equal to the distance from the lower one in steps (to
     within float32's 2^-24 resolution of uniform noise)."""
     _check(x, rounding)
-    if not 1 <= man <= 22 or not -126 + man <= min_exponent:
-        raise ValueError(f"minifloat needs man in [1, 22] and min_exponent >= man - 126, got {man}, {min_exponent}")
-    # The exponent of each value's grid step; float32 subnormals, inf and NaN
-    # land on the clamps, where the arithmetic below keeps them right.
-    exponent = (((_bits(x) >> MANTISSA_BITS) & 0xFF) - 127).clamp_(min_exponent, 127) - man
-    # Multiplying by powers of two is exact here: steps become integers.
-    scaled = x * _power_of_two(-exponent)
+    if not 1 <= man <= 22 or not -126 + man <= min_exponent <= 127:
+        raise ValueError(f"minifloat needs man in [1, 22] and min_exponent in [man - 126, 127], "
+                         f"got {man}, {min_exponent}")
+    # The biased exponent of each value's grid step is field - man; float32
+    # subnormals, inf and NaN land on the clamps, where the arithmetic below
+    # still gives the right result.
+    field = (_bits(x) >> MANTISSA_BITS).bitwise_and_(0xFF).clamp_(min_exponent + 127, 254)
+    # Multiplying by powers of two (built from their bits) is exact here: steps become integers.
+    scaled = x * _float(torch.sub(254 + man, field).bitwise_left_shift_(MANTISSA_BITS))
     if rounding == "nearest":
         rounded = scaled.round_()
     else:
         rounded = torch.floor(scaled)
         noise = torch.rand(x.shape, device=x.device, generator=generator)
         rounded += noise < (scaled - rounded)
-    return rounded.mul_(_power_of_two(exponent)).clamp_(-largest, largest)
+    step = _float(field.sub_(man).bitwise_left_shift_(MANTISSA_BITS))
+    return rounded.mul_(step).clamp_(-largest, largest)
 
 
 def mx_quantize(blocks, man, min_exponent, emax, largest, rounding="stochastic", generator=None, scale="floor"):

@@ -266,3 +266,16 @@ def test_backends_say_which_formats_they_compute():
     quantizers = quantization.build_quantizers({**kinds, "weight": formats.parse("mxfp8"), "grad": 8}, "nearest",
                                                backend=lean, fallback=TORCH)
     assert quantizers["weight"].backend is TORCH and quantizers["grad"].backend is lean
+
+
+def test_ocp_kernels_reject_what_float32_cannot_simulate():
+    x = torch.randn(4, 32)
+    for bad in (dict(man=0, min_exponent=-6), dict(man=23, min_exponent=-6), dict(man=3, min_exponent=-125)):
+        with pytest.raises(ValueError):
+            tq.minifloat_quantize(x, largest=448.0, rounding="nearest", **bad)
+    with pytest.raises(ValueError):
+        tq.mx_quantize(x.view(4, 2, 16), 3, -6, 8, 448.0, "nearest")
+    with pytest.raises(ValueError):
+        tq.mx_quantize(x, 3, -6, 8, 448.0, "nearest", scale="round")
+    with pytest.raises(ValueError):
+        formats.MXFormat(formats.ELEMENTS["e4m3"], scale="round")
