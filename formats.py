@@ -54,7 +54,9 @@ def row_blocks(x, k):
     change no block's largest magnitude): a (blocks, k) tensor, and the
     function that puts such a tensor back into x's shape."""
     count, length = (x.shape[0], math.prod(x.shape[1:])) if x.dim() > 1 else (1, x.numel())
-    rows = torch.nn.functional.pad(x.reshape(count, length), (0, -length % k))
+    rows = x.reshape(count, length)
+    if length % k:  # padding copies the tensor
+        rows = torch.nn.functional.pad(rows, (0, -length % k))
     blocks = rows.reshape(rows.numel() // k, k)
 
     def restore(quantized):
