@@ -1,10 +1,8 @@
 """Low precision as a wrapper around full-precision networks.
 
-Number formats are small value objects (`BlockFormat`, `FixedFormat`,
-`FloatFormat`, qtorch's formats plus the original SWALP's small-block and
-block-dim layouts); a `Backend` holds the rounding kernels, ours
-(`torch_quant`, seedable, no compiler) or qtorch's; `TensorQuantizer` turns a
-format, a rounding mode and a backend into a tensor -> tensor function;
+Number formats are small value objects (`formats.py`); a `Backend` holds
+the rounding kernels, ours (`torch_quant`, seedable, no compiler) or
+qtorch's; `TensorQuantizer` turns a format, a rounding mode and a backend into a tensor -> tensor function;
 `Quantizer` is the autograd module (forward format for activations, backward
 format for errors) that `insert_quantizers` hangs after the layers a model
 names; `make_optimizer` wraps SGD in qtorch's `OptimLP` with the weight,
@@ -16,48 +14,61 @@ or take a generator, and qtorch maps a word length of -1 to garbage instead
 of full precision, so the module here is our own.
 """
 
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 from qtorch.optim import OptimLP
 
+import formats
 import torch_quant
+from formats import BlockFormat
 from seeding import mix_seed
 
 ROUNDINGS = ("stochastic", "nearest")
-# Tensors with at most this many dimensions share one exponent ("small block").
-SMALL_BLOCK_MAX_DIMS = {"None": 0, "FC": 1, "Conv": 2}
-BLOCK_DIMS = ("B", "BC")
-# Block floating point is simulated in float32 at the exponent of the block's
-# largest value plus 2, which leaves 22 bits below the sign; 1 bit would leave
-# only the sign. -1 on the command line means full precision.
-MIN_WL, MAX_WL = 2, 22
 NUMBER_KINDS = ("weight", "activate", "grad", "error", "momentum", "acc")
 KIND_TAGS = {"weight": "W", "activate": "A", "grad": "G", "error": "E", "momentum": "M", "acc": "Acc"}
 BACKENDS = ("auto", "torch", "qtorch")
 
 
-def precision_tag(word_lengths):
-    """FP, or the word lengths that are set, e.g. W8A8G8E8M8Acc8."""
-    tags = [f"{KIND_TAGS[kind]}{wl}" for kind, wl in word_lengths.items() if wl != -1]
+def precision_tag(word_lengths, specs=None):
+    """FP, or the formats that are set, e.g. W8A8G8E8M8Acc8 for block
+    floating point word lengths, Wmxfp8e4m3Gfixed8.6 for format specs
+    (`specs` maps kinds to a spec or None, which wins over a word length)."""
+    specs = specs or {}
+    tags = []
+    for kind, wl in word_lengths.items():
+        if specs.get(kind) is not None:
+            tags.append(f"{KIND_TAGS[kind]}{formats.path_tag(specs[kind])}")
+        elif wl != -1:
+            tags.append(f"{KIND_TAGS[kind]}{wl}")
     return "".join(tags) if tags else "FP"
 
 
 class Backend(NamedTuple):
     """Rounding kernels with torch_quant's signatures; `seedable` says whether
-    their stochastic rounding follows torch's generators."""
+    their stochastic rounding follows torch's generators. A kernel a backend
+    lacks is None: a format names the kernel it needs (its `kernel`)."""
 
     name: str
     block: Callable
     fixed: Callable
     float: Callable
     seedable: bool
+    minifloat: Callable = None
+    mx: Callable = None
+
+    def supports(self, number_format):
+        return getattr(self, number_format.kernel) is not None
 
 
 TORCH_BACKEND = Backend("torch", torch_quant.block_quantize, torch_quant.fixed_point_quantize,
-                        torch_quant.float_quantize, seedable=True)
+                        torch_quant.float_quantize, seedable=True, minifloat=torch_quant.minifloat_quantize,
+                        mx=torch_quant.mx_quantize)
+
+
+class UnsupportedFormat(ValueError):
+    """A backend that has no kernel for a format."""
 
 
 class BackendUnavailable(RuntimeError):
@@ -105,79 +116,6 @@ def select_backend(name, device):
         return load_qtorch_backend(), None
     except BackendUnavailable as error:
         return TORCH_BACKEND, f"qtorch's CUDA kernels did not build ({error}); using the torch backend"
-
-
-@dataclass(frozen=True)
-class BlockFormat:
-    """Block floating point with `wl` bits per number, sign included.
-
-    Blocks run along `dim` (qtorch's `BlockFloatingPoint(wl, dim)`; -1: the
-    whole tensor is one block). The default dim 0 gives one exponent per
-    sample of an activation and per output channel of a weight, and one per
-    element of a 1-D tensor. The original SWALP's layouts: `small_block` FC or
-    Conv gives tensors of at most 1 or 2 dimensions one shared exponent;
-    `block_dim` BC blocks along the first two dimensions.
-    """
-
-    wl: int
-    dim: int = 0
-    small_block: str = "None"
-    block_dim: str = "B"
-
-    def __post_init__(self):
-        if not MIN_WL <= self.wl <= MAX_WL:
-            raise ValueError(f"block word length must be in [{MIN_WL}, {MAX_WL}], got {self.wl}")
-        if self.small_block not in SMALL_BLOCK_MAX_DIMS:
-            raise ValueError(f"small_block must be one of {list(SMALL_BLOCK_MAX_DIMS)}")
-        if self.block_dim not in BLOCK_DIMS:
-            raise ValueError(f"block_dim must be one of {list(BLOCK_DIMS)}")
-        if self.block_dim == "BC" and self.dim != 0:
-            raise ValueError("block_dim BC blocks along dimensions 0 and 1; it needs dim 0")
-
-    def __str__(self):
-        return (f"BlockFloatingPoint(wl={self.wl}, dim={self.dim}, small_block={self.small_block}, "
-                f"block_dim={self.block_dim})")
-
-    def quantize(self, x, rounding, backend, generator=None, inplace=False):
-        if x.dim() <= SMALL_BLOCK_MAX_DIMS[self.small_block]:
-            return backend.block(x, self.wl, -1, rounding, generator, inplace=inplace)
-        if self.block_dim == "BC" and x.dim() >= 2:
-            rows = x.reshape(x.shape[0] * x.shape[1], -1)
-            return backend.block(rows, self.wl, 0, rounding, generator, inplace=inplace).view_as(x)
-        return backend.block(x, self.wl, self.dim, rounding, generator, inplace=inplace)
-
-
-@dataclass(frozen=True)
-class FixedFormat:
-    """Fixed point (qtorch's `FixedPoint`): `wl` bits, `fl` of them fractional."""
-
-    wl: int
-    fl: int
-    clamp: bool = True
-    symmetric: bool = False
-
-    def __post_init__(self):
-        if not 2 <= self.wl <= 32:
-            raise ValueError(f"fixed point word length must be in [2, 32], got {self.wl}")
-
-    def quantize(self, x, rounding, backend, generator=None, inplace=False):
-        return backend.fixed(x, self.wl, self.fl, self.clamp, self.symmetric, rounding, generator)
-
-
-@dataclass(frozen=True)
-class FloatFormat:
-    """Floating point (qtorch's `FloatingPoint`): `exp` exponent bits, `man`
-    mantissa bits without the hidden one."""
-
-    exp: int
-    man: int
-
-    def __post_init__(self):
-        if not 2 <= self.exp <= 8 or not 0 <= self.man <= 22:
-            raise ValueError(f"floating point needs exp in [2, 8] and man in [0, 22], got {self.exp}, {self.man}")
-
-    def quantize(self, x, rounding, backend, generator=None, inplace=False):
-        return backend.float(x, self.exp, self.man, rounding, generator)
 
 
 class StepNoise:
@@ -304,22 +242,31 @@ OPTIMIZER_KINDS = ("weight", "grad", "momentum", "acc")
 
 
 def build_quantizers(word_lengths, rounding, small_block="None", block_dim="B",
-                     backend=TORCH_BACKEND, noise=None, optimizer_backend=None):
-    """One TensorQuantizer per number kind, None where the word length is -1.
+                     backend=TORCH_BACKEND, noise=None, optimizer_backend=None, fallback=None):
+    """One TensorQuantizer per number kind, None in full precision.
 
-    `word_lengths` maps each of NUMBER_KINDS to an int. The optimizer's kinds
-    run on `optimizer_backend` (default: `backend`) and draw their noise from
-    `noise` (a StepNoise), activations and errors from torch's default
-    generators.
+    `word_lengths` maps each of NUMBER_KINDS to a block floating point word
+    length (-1: full precision, else laid out by `small_block` and
+    `block_dim`) or to a format object (None: full precision). The
+    optimizer's kinds run on `optimizer_backend` (default: `backend`) and
+    draw their noise from `noise` (a StepNoise), activations and errors from
+    torch's default generators. A format the backend has no kernel for runs
+    on `fallback`, or raises UnsupportedFormat without one.
     """
     quantizers = dict.fromkeys(NUMBER_KINDS)
     for kind in NUMBER_KINDS:
-        if word_lengths[kind] != -1:
-            number_format = BlockFormat(word_lengths[kind], 0, small_block, block_dim)
-            if kind in OPTIMIZER_KINDS:
-                quantizers[kind] = TensorQuantizer(number_format, rounding, optimizer_backend or backend, noise)
-            else:
-                quantizers[kind] = TensorQuantizer(number_format, rounding, backend)
+        number_format = word_lengths[kind]
+        if isinstance(number_format, int):
+            number_format = None if number_format == -1 else BlockFormat(number_format, 0, small_block, block_dim)
+        if number_format is None:
+            continue
+        chosen = (optimizer_backend or backend) if kind in OPTIMIZER_KINDS else backend
+        if not chosen.supports(number_format):
+            if fallback is None:
+                raise UnsupportedFormat(f"the {chosen.name} backend cannot compute {number_format.spec} "
+                                        f"(it has no {number_format.kernel} kernel)")
+            chosen = fallback
+        quantizers[kind] = TensorQuantizer(number_format, rounding, chosen, noise if kind in OPTIMIZER_KINDS else None)
     return quantizers
 
 

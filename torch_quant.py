@@ -194,3 +194,65 @@ def float_quantize(x, exp, man, rounding="stochastic", generator=None):
     overflow = ((normal >> 23) & 0xFF) > max_exponent
     normal = torch.where(overflow, (bits & SIGN_BIT) | largest, normal)
     return torch.where(subnormal, small, _float(normal))
+
+
+# OCP-style floats and Microscaling (MX). Unlike qtorch's float format above,
+# these follow the OCP specifications (8-bit floating point v1.0, MX v1.0):
+# nearest rounding ties to even, and conversion saturates to the largest
+# finite value; qtorch has no such kernel, hence our own.
+
+
+def minifloat_quantize(x, man, min_exponent, largest, rounding="stochastic", generator=None):
+    """A float with `man` mantissa bits, normal exponents from `min_exponent`
+    up (subnormals below, with the step of the smallest normal binade),
+    saturating at ±`largest`: finite values and ±inf beyond it become
+    ±largest; NaN stays NaN. Nearest rounding ties to even; stochastic
+    rounding goes to the upper of the two neighbouring grid points with
+    probability equal to the distance from the lower one in steps (to
+    within float32's 2^-24 resolution of uniform noise)."""
+    _check(x, rounding)
+    if not 1 <= man <= 22 or not -126 + man <= min_exponent <= 127:
+        raise ValueError(f"minifloat needs man in [1, 22] and min_exponent in [man - 126, 127], "
+                         f"got {man}, {min_exponent}")
+    # The biased exponent of each value's grid step is field - man; float32
+    # subnormals, inf and NaN land on the clamps, where the arithmetic below
+    # still gives the right result.
+    field = (_bits(x) >> MANTISSA_BITS).bitwise_and_(0xFF).clamp_(min_exponent + 127, 254)
+    # Multiplying by powers of two (built from their bits) is exact here: steps become integers.
+    scaled = x * _float(torch.sub(254 + man, field).bitwise_left_shift_(MANTISSA_BITS))
+    if rounding == "nearest":
+        rounded = scaled.round_()
+    else:
+        rounded = torch.floor(scaled)
+        noise = torch.rand(x.shape, device=x.device, generator=generator)
+        rounded += noise < (scaled - rounded)
+    step = _float(field.sub_(man).bitwise_left_shift_(MANTISSA_BITS))
+    return rounded.mul_(step).clamp_(-largest, largest)
+
+
+def mx_quantize(blocks, man, min_exponent, emax, largest, rounding="stochastic", generator=None, scale="floor"):
+    """OCP Microscaling: each row of the 2-D `blocks` shares a power-of-two
+    scale X, clamped to E8M0's range 2^-127..2^127, and each value becomes X
+    times a `minifloat_quantize`d element (`man`, `min_exponent`, `largest`:
+    the element format; `emax` its largest normal exponent). `scale` floor
+    (the OCP MX v1.0 spec): X = 2^(floor(log2(max |row|)) - emax), which
+    saturates a row's largest values where they exceed `largest` X; ceil: the
+    smallest X with max |row| <= largest X, which never saturates (NVIDIA's
+    and torchao's RCEIL). Rows holding inf or NaN become all NaN (their scale
+    is NaN)."""
+    _check(blocks, rounding)
+    if blocks.dim() != 2:
+        raise ValueError(f"MX blocks must be a 2-D tensor of rows, got {blocks.dim()} dimensions")
+    if scale not in ("floor", "ceil"):
+        raise ValueError(f"MX scale rounding must be floor or ceil, got {scale!r}")
+    peak = torch.maximum(blocks.amax(dim=1, keepdim=True), -blocks.amin(dim=1, keepdim=True))
+    _, exponent = torch.frexp(peak)  # exact for float32 subnormals too
+    shared = exponent - 1 - emax
+    one = torch.ones_like(peak)
+    if scale == "ceil":
+        shared += peak > largest * torch.ldexp(one, shared)
+    shared.clamp_(-127, 127)
+    # One scale per row (ldexp reaches 2^-127, below float32's normal range);
+    # elements keep few enough bits that scaling them back is exact.
+    elements = minifloat_quantize(blocks * torch.ldexp(one, -shared), man, min_exponent, largest, rounding, generator)
+    return elements.mul_(torch.ldexp(one, shared)).masked_fill_(~peak.isfinite(), float("nan"))

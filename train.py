@@ -22,6 +22,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 import distributed
+import formats
 import models
 import quantization
 import swa
@@ -32,10 +33,10 @@ from utils import UserError
 
 def word_length(text):
     value = int(text)
-    if value != -1 and not quantization.MIN_WL <= value <= quantization.MAX_WL:
+    if value != -1 and not formats.MIN_WL <= value <= formats.MAX_WL:
         raise argparse.ArgumentTypeError(
             f"{value} is not a word length: use -1 (full precision) or "
-            f"{quantization.MIN_WL}..{quantization.MAX_WL} bits")
+            f"{formats.MIN_WL}..{formats.MAX_WL} bits")
     return value
 
 
@@ -117,22 +118,32 @@ def build_parser():
     averaging.add_argument("--swa_cycle_steps", type=non_negative_int, default=0, metavar="N",
                            help="cyclic schedule: iterations per cycle (default: 0, one epoch)")
 
-    lowp = parser.add_argument_group("low precision (block floating point)")
+    lowp = parser.add_argument_group(
+        "low precision", f"Number format specs (any case): {formats.GRAMMAR}. e<exp>m<man> is qtorch's "
+        "floating point (e4m3 reaches 480, e5m2 114688, ties away from zero); fp8e4m3 and fp8e5m2 are OCP's "
+        "(448 and 57344, saturating, ties to even). bfp<wl> is --wl-* N, laid out by --small-block and "
+        "--block-dim; bfp<wl>/<k> and MX formats block k (MX: 32) consecutive elements of each row (index of "
+        "dim 0). qtorch has no kernels for fp8* and mx*: --quant-backend auto runs them on torch.")
+    lowp.add_argument("--format", type=formats.argument, default=None, metavar="SPEC",
+                      help="number format of every kind below, accumulator included (default: full precision)")
     for kind, what in (("weight", "weights"), ("activate", "activations"), ("grad", "gradients"),
                        ("error", "back-propagated errors"), ("momentum", "momentum buffers"),
                        ("acc", "the gradient accumulator, a low-precision copy of the weights that "
                                "SGD updates (with -1 there is none)")):
-        lowp.add_argument(f"--wl-{kind}", type=word_length, default=-1, metavar="N",
-                          help=f"word length in bits ({quantization.MIN_WL}..{quantization.MAX_WL}) for {what}; "
-                               f"-1 if full precision (default: -1)")
+        lowp.add_argument(f"--wl-{kind}", type=word_length, default=None, metavar="N",
+                          help=f"block floating point word length in bits ({formats.MIN_WL}..{formats.MAX_WL}) "
+                               f"for {what}; -1 if full precision (default: -1)")
+        lowp.add_argument(f"--format-{kind}", type=formats.argument, default=None, metavar="SPEC",
+                          help=f"number format of {what.split(',')[0]} (instead of --wl-{kind}; "
+                               f"overrides --format)")
     lowp.add_argument("--rounding", "--quant-type", dest="rounding", default="stochastic",
                       choices=quantization.ROUNDINGS,
                       help="rounding: stochastic or nearest (default: stochastic; "
                            "--quant-type is the original's name)")
-    lowp.add_argument("--small-block", default="None", choices=list(quantization.SMALL_BLOCK_MAX_DIMS),
+    lowp.add_argument("--small-block", default="None", choices=list(formats.SMALL_BLOCK_MAX_DIMS),
                       help="None: every tensor is blocked along --block-dim; FC: tensors of at most 1 "
                            "dimension share one exponent; Conv: at most 2 dimensions (default: None)")
-    lowp.add_argument("--block-dim", default="B", choices=quantization.BLOCK_DIMS,
+    lowp.add_argument("--block-dim", default="B", choices=formats.BLOCK_DIMS,
                       help="B: one exponent per index of dim 0; BC: per index of dims 0 and 1 (default: B)")
     lowp.add_argument("--quant-backend", default="auto", choices=quantization.BACKENDS,
                       help="rounding kernels: torch (ours: PyTorch operations, seedable, no compiler), "
@@ -184,6 +195,13 @@ def parse_args(argv=None):
         parser.error(f"--model {args.model} is for {'CIFAR' if imagenet else 'ImageNet'}; use "
                      + (", ".join(models.IMAGENET_MODELS) if imagenet else "a CIFAR model") +
                      f" with --dataset {args.dataset}")
+    try:
+        lengths, specs = formats.per_kind(word_lengths(args), format_specs(args), args.format)
+    except formats.FormatError as error:
+        parser.error(str(error))
+    for kind in quantization.NUMBER_KINDS:
+        setattr(args, f"wl_{kind}", lengths[kind])
+        setattr(args, f"format_{kind}", specs[kind])
     return args
 
 
@@ -191,9 +209,13 @@ def word_lengths(args):
     return {kind: getattr(args, f"wl_{kind}") for kind in quantization.NUMBER_KINDS}
 
 
+def format_specs(args):
+    return {kind: getattr(args, f"format_{kind}") for kind in quantization.NUMBER_KINDS}
+
+
 def precision_tag(args):
-    """FP, or the word lengths that are set, e.g. W8A8G8E8M8."""
-    return quantization.precision_tag(word_lengths(args))
+    """FP, or the formats that are set, e.g. W8A8G8E8M8 or Wmxfp8e4m3Ae4m3."""
+    return quantization.precision_tag(word_lengths(args), format_specs(args))
 
 
 def resolve_device(name):
@@ -283,6 +305,7 @@ def build_quantizers(args, device, noise, world=distributed.World()):
     system or from each rank's own generator) cannot: there the optimizer's
     rounding always uses ours."""
     lengths = word_lengths(args)
+    lengths.update({kind: formats.parse(spec) for kind, spec in format_specs(args).items() if spec})
     if all(wl == -1 for wl in lengths.values()):
         return dict.fromkeys(quantization.NUMBER_KINDS), None
     try:
@@ -296,8 +319,12 @@ def build_quantizers(args, device, noise, world=distributed.World()):
     if world.distributed and not backend.seedable:
         optimizer_backend = quantization.TORCH_BACKEND
         print("data parallel: the optimizer's rounding uses the torch backend, activations and errors qtorch")
-    quantizers = quantization.build_quantizers(lengths, args.rounding, args.small_block, args.block_dim,
-                                               backend, noise, optimizer_backend)
+    try:
+        quantizers = quantization.build_quantizers(
+            lengths, args.rounding, args.small_block, args.block_dim, backend, noise, optimizer_backend,
+            fallback=quantization.TORCH_BACKEND if args.quant_backend == "auto" else None)
+    except quantization.UnsupportedFormat as error:
+        raise UserError(f"--quant-backend {args.quant_backend}: {error}; use --quant-backend torch") from None
     return quantizers, backend
 
 
@@ -306,7 +333,7 @@ def build_quantizers(args, device, noise, world=distributed.World()):
 STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum", "wd", "swa_start", "swa_lr",
                   "swa_c_epochs", "swa_c_steps", "swa_schedule", "swa_lr_max", "swa_cycle_steps", "rounding",
                   "small_block", "block_dim", "quant_placement") + tuple(
-    f"wl_{kind}" for kind in quantization.NUMBER_KINDS)
+    f"{flag}_{kind}" for flag in ("wl", "format") for kind in quantization.NUMBER_KINDS)
 CHECKPOINT_KEYS = {"epoch", "step", "config", "model_state", "swa_state", "optimizer_state", "weight_acc",
                    "noise_step", "rng", "loader_generator", "history", "epoch_totals", "world_size"}
 
@@ -374,8 +401,8 @@ class Training:
         # across data-parallel replicas and restored exactly on resume.
         noise = quantization.StepNoise(args.seed)
         quantizers, self.backend = build_quantizers(args, device, noise, world)
-        for kind in quantization.NUMBER_KINDS:
-            print(f"{kind:10}: {quantizers[kind] or 'full precision'}")
+        self.format_lines = [f"{kind:10}: {quantizers[kind] or 'full precision'}" for kind in quantization.NUMBER_KINDS]
+        print("\n".join(self.format_lines))
         self.sites = quantization.insert_quantizers(self.net, quantizers["activate"], quantizers["error"],
                                                     args.quant_placement)
         print(f"Model {args.model}: {self.sites} activation quantizers ({args.quant_placement} placement), "
@@ -491,6 +518,7 @@ class Training:
         self.writer = SummaryWriter(self.run_dir, purge_step=self.epoch + 1 if resumed else None)
         self.step_writer = SummaryWriter(os.path.join(self.run_dir, "steps"),
                                          purge_step=self.global_step + 1 if resumed else None)
+        self.writer.add_text("formats", "\n\n".join(self.format_lines))
 
     def close_logs(self):
         for writer in (self.writer, self.step_writer):

@@ -116,11 +116,23 @@ def integer_bits(w_star):
 def train(x, y, word_lengths, il, lr, wd, epochs, batch_size, swa_start, replicates, seed):
     """Final SGD weights and SWA means, shape (methods, replicates, d, classes):
     method 0 is full precision, method i > 0 fixed point with word_lengths[i-1] bits."""
+    def fixed_point(wl):
+        return lambda w, generator: torch_quant.fixed_point_quantize(w, wl, wl - il, generator=generator)
+
+    return descend(x, y, [fixed_point(wl) for wl in word_lengths], lr, wd, epochs, batch_size, swa_start,
+                   replicates, seed)
+
+
+def descend(x, y, rounders, lr, wd, epochs, batch_size, swa_start, replicates, seed):
+    """Minibatch SGD from W = 0 in full precision (method 0) and with the
+    weights rounded by each of `rounders` (w, generator) -> w after every
+    step (methods 1..), all on the same samples; the final weights and SWA
+    means, shape (methods, replicates, d, classes)."""
     samples, features = x.shape
     classes = int(y.max()) + 1
     sampling = torch.Generator().manual_seed(seed)
     rounding = torch.Generator().manual_seed(seed + 1)
-    methods = 1 + len(word_lengths)
+    methods = 1 + len(rounders)
     w = torch.zeros(methods, replicates, features, classes)
     swa = torch.zeros_like(w)
     averaged = 0
@@ -134,8 +146,8 @@ def train(x, y, word_lengths, il, lr, wd, epochs, batch_size, swa_start, replica
             error = torch.softmax(xs @ w, -1)
             error -= F.one_hot(ys, classes).float()
             w -= lr * (xs.transpose(-1, -2) @ error / batch_size + wd * w)
-            for i, wl in enumerate(word_lengths, 1):
-                w[i] = torch_quant.fixed_point_quantize(w[i], wl, wl - il, generator=rounding)
+            for i, rounder in enumerate(rounders, 1):
+                w[i] = rounder(w[i], rounding)
             if epoch >= swa_start:
                 averaged += 1
                 swa += (w - swa) / averaged

@@ -59,14 +59,20 @@ def describe(recipe_items):
 
 
 def number_format(config):
-    """"FP", or the word lengths set (e.g. W8A8G8E8M8Acc8) with the rounding
-    and layout where they differ from stochastic, None, B, layer."""
+    """"FP", or the formats set (e.g. W8A8G8E8M8Acc8, or the spec alone when
+    every kind has it, e.g. mxfp8e4m3) with the rounding and layout where
+    they differ from stochastic, None, B, layer."""
     lengths = {kind: config.get(f"wl_{kind}", -1) for kind in NUMBER_KINDS}
-    label = precision_tag(lengths)
+    specs = {kind: config.get(f"format_{kind}") for kind in NUMBER_KINDS}
+    label = precision_tag(lengths, specs)
     if label == "FP":
         return label
+    if len(set(specs.values())) == 1 and None not in specs.values():
+        label = specs["weight"]
     defaults = {"rounding": "stochastic", "small_block": "None", "block_dim": "B", "quant_placement": "layer"}
-    extras = [f"{key}={config.get(key)}" for key in FORMAT_KEYS if config.get(key, defaults[key]) != defaults[key]]
+    # The layout flags shape block floating point word lengths only.
+    keys = FORMAT_KEYS if any(wl != -1 for wl in lengths.values()) else ("rounding", "quant_placement")
+    extras = [f"{key}={config.get(key)}" for key in keys if config.get(key, defaults[key]) != defaults[key]]
     return " ".join([label, *extras])
 
 

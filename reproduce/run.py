@@ -1,13 +1,16 @@
 """Run the paper's experiments: full precision and 8 bits, for N seeds.
 
 One full-precision run gives SGD-FP and SWA-FP, one 8-bit run SGD-LP and
-SWALP. Each (dataset, model, precision, seed) gets its own run directory
+SWALP; `--formats` adds a low-precision run per number format (train.py's
+--format: every number kind, accumulator included, in that format). Each
+(dataset, model, precision, seed) gets its own run directory
 `<out>/<dataset>-<model>-<precision>/seed<seed>`; finished runs are skipped
 and interrupted ones continue from their newest checkpoint (`--resume auto`),
 so the same command can be repeated until everything is done. With `--gpus`
 runs go side by side, one per GPU (CUDA_VISIBLE_DEVICES).
 
-    python reproduce/run.py --data_path ./data --seeds 1 2 3 [--gpus 0,1,2,3] [--dry-run] [-- extra train.py flags]
+    python reproduce/run.py --data_path ./data --seeds 1 2 3 [--formats e4m3 mxfp8 ...] [--gpus 0,1,2,3]
+        [--dry-run] [-- extra train.py flags]
 
 Then `python reproduce/report.py <out>` prints the table.
 """
@@ -26,6 +29,9 @@ from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
+sys.path.insert(0, ROOT)
+
+import formats  # noqa: E402
 
 # The paper's hyper-parameters, from the reference scripts (VGG: the seed's
 # example.sh and the original's block_vgg_swa.sh; PreResNet164: the original's
@@ -41,6 +47,13 @@ PRECISIONS = {
     "lp8": ["--wl-weight", "8", "--wl-activate", "8", "--wl-grad", "8", "--wl-error", "8", "--wl-momentum", "8",
             "--wl-acc", "8", "--rounding", "stochastic", "--small-block", "FC", "--block-dim", "B"],
 }
+
+
+def format_precision(spec):
+    """The name and train.py flags of a run in one number format everywhere,
+    with lp8's rounding and layout (the layout matters for bfp<wl> only)."""
+    return formats.path_tag(spec), ["--format", spec, "--rounding", "stochastic", "--small-block", "FC",
+                                    "--block-dim", "B"]
 
 
 @dataclass
@@ -65,10 +78,12 @@ class Job:
 
 def make_jobs(args):
     jobs = []
+    precisions = [(name, PRECISIONS[name]) for name in args.precisions] + [format_precision(spec)
+                                                                            for spec in args.formats]
     for dataset in args.datasets:
         for model in args.models:
             hyper = HYPERPARAMETERS[model]
-            for precision in args.precisions:
+            for precision, precision_flags in precisions:
                 for seed in args.seeds:
                     name = f"{dataset}-{model}-{precision}"
                     run_dir = os.path.join(args.out, name, f"seed{seed}")
@@ -76,7 +91,7 @@ def make_jobs(args):
                                "--model", model, "--seed", str(seed), "--dir", run_dir, "--resume", "auto"]
                     for key, value in hyper.items():
                         command += [f"--{key}", str(value)]
-                    command += PRECISIONS[precision] + args.extra
+                    command += precision_flags + args.extra
                     jobs.append(Job(f"{name} seed {seed}", run_dir, command))
     return jobs
 
@@ -154,6 +169,9 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", nargs="+", default=["CIFAR10", "CIFAR100"], choices=["CIFAR10", "CIFAR100"])
     parser.add_argument("--models", nargs="+", default=["VGG16"], choices=sorted(HYPERPARAMETERS))
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--formats", nargs="+", default=[], type=formats.argument, metavar="SPEC",
+                        help=f"also run in each of these number formats everywhere ({formats.GRAMMAR}), "
+                             f"e.g. e4m3 mxfp8 mxint8")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids to run on side by side, e.g. 0,1,2,3")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped")

@@ -5,8 +5,9 @@ import torch.nn as nn
 import models
 import quantization
 import torch_quant
+from formats import BlockFormat, FixedFormat, FloatFormat
 from grid import on_block_grid
-from quantization import BlockFormat, Quantizer, TensorQuantizer
+from quantization import Quantizer, TensorQuantizer
 
 
 @pytest.fixture(scope="module", params=["torch", "qtorch"])
@@ -175,19 +176,19 @@ def test_in_place_output_rounding_matches_the_copying_one():
 
 def test_fixed_and_floating_point_formats_round_through_either_backend(backend):
     x = torch.randn(64, 8) * 3
-    fixed = TensorQuantizer(quantization.FixedFormat(8, 4), "nearest", backend)(x)
+    fixed = TensorQuantizer(FixedFormat(8, 4), "nearest", backend)(x)
     assert torch.equal(fixed, torch_quant.fixed_point_quantize(x, 8, 4, rounding="nearest"))
-    floating = TensorQuantizer(quantization.FloatFormat(5, 2), "nearest", backend)(x)
+    floating = TensorQuantizer(FloatFormat(5, 2), "nearest", backend)(x)
     assert torch.equal(floating, torch_quant.float_quantize(x, 5, 2, "nearest"))
     # As an activation/error quantizer, with both formats at once.
-    y = Quantizer(TensorQuantizer(quantization.FixedFormat(8, 4), "nearest", backend),
-                  TensorQuantizer(quantization.FloatFormat(5, 2), "nearest", backend))(x.requires_grad_())
+    y = Quantizer(TensorQuantizer(FixedFormat(8, 4), "nearest", backend),
+                  TensorQuantizer(FloatFormat(5, 2), "nearest", backend))(x.requires_grad_())
     y.backward(torch.ones_like(y) / 3)
     assert torch.equal(y.detach(), fixed) and torch.equal(x.grad, torch_quant.float_quantize(x.grad, 5, 2, "nearest"))
 
 
-@pytest.mark.parametrize("make", [lambda: quantization.FixedFormat(1, 0), lambda: quantization.FixedFormat(40, 4),
-                                  lambda: quantization.FloatFormat(9, 2), lambda: quantization.FloatFormat(5, 23)])
+@pytest.mark.parametrize("make", [lambda: FixedFormat(1, 0), lambda: FixedFormat(40, 4),
+                                  lambda: FloatFormat(9, 2), lambda: FloatFormat(5, 23)])
 def test_fixed_and_floating_point_formats_reject_what_they_cannot_simulate(make):
     with pytest.raises(ValueError):
         make()

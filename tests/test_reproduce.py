@@ -158,3 +158,29 @@ def test_report_keeps_different_recipes_and_formats_apart():
 def test_report_without_results_is_a_clear_error(tmp_path):
     result = reproduce("report.py", tmp_path)
     assert result.returncode == 2 and "no results.json" in result.stderr
+
+
+def test_runner_adds_one_run_per_format():
+    args = runner.parse_args(["--data_path", "data", "--datasets", "CIFAR10", "--seeds", "1", "--precisions", "fp",
+                              "--formats", "E4M3", "mxfp8", "bfp8/32"])
+    jobs = runner.make_jobs(args)
+    assert [os.path.basename(os.path.dirname(job.run_dir)) for job in jobs] == [
+        "CIFAR10-VGG16-fp", "CIFAR10-VGG16-e4m3", "CIFAR10-VGG16-mxfp8e4m3", "CIFAR10-VGG16-bfp8k32"]
+    command = jobs[2].command
+    assert command[command.index("--format") + 1] == "mxfp8e4m3" and "--wl-weight" not in command
+
+
+def test_report_gives_each_format_its_own_row():
+    def formatted(spec, seed, sgd, swa, **changes):
+        path, results = fake_run(-1, seed, sgd, swa, small_block="FC", **changes)
+        results["config"].update({f"format_{kind}": spec for kind in report.NUMBER_KINDS})
+        return path, results
+
+    runs = [fake_run(-1, 1, 27.0, 26.0), formatted("e4m3", 1, 31.0, 28.0), formatted("e4m3", 2, 33.0, 30.0),
+            formatted("mxfp8e4m3", 1, 29.0, 27.0), fake_run(8, 1, 30.0, 27.0, small_block="FC")]
+    rows = {line.split("|")[4].strip(): line for line in report.table(*report.group(runs)).splitlines()
+            if line.startswith("| CIFAR100")}
+    assert set(rows) == {"e4m3", "mxfp8e4m3", "W8A8G8E8M8Acc8 small_block=FC"}
+    assert "32.00 ± 1.41 (2)" in rows["e4m3"] and "29.00 ± 1.41 (2)" in rows["e4m3"]
+    assert "29.00 (1) |" in rows["mxfp8e4m3"] and "[paper 29.59" not in rows["mxfp8e4m3"]
+    assert "27.00 (1) [paper 27.23 ± 0.17]" in rows["mxfp8e4m3"]  # the FP run fills every row's FP cells

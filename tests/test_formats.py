@@ -1,0 +1,281 @@
+"""Number formats: specs, layouts, and each format against a reference."""
+
+import math
+
+import pytest
+import torch
+
+import formats
+import quantization
+import torch_quant as tq
+from formats import FormatError
+
+TORCH = quantization.TORCH_BACKEND
+
+
+def bits(x):
+    return x.contiguous().view(torch.int32)
+
+
+def assert_bit_identical(actual, expected):
+    assert actual.shape == expected.shape
+    assert torch.equal(bits(actual), bits(expected)), (actual, expected)
+
+
+def assert_same_numbers(actual, expected):
+    """Bit-identical but for the payload and sign of NaNs."""
+    assert torch.equal(actual.isnan(), expected.isnan())
+    numbers = ~actual.isnan()
+    assert_bit_identical(actual[numbers], expected[numbers])
+
+
+@pytest.mark.parametrize("spec, canonical", [
+    ("fp32", "fp32"), ("BFP8", "bfp8"), ("bfp8/32", "bfp8/32"), ("fixed8.6", "fixed8.6"), ("e4m3", "e4m3"),
+    ("E5M2", "e5m2"), ("e3m4", "e3m4"), ("bf16", "e8m7"), ("FP16", "e5m10"), ("fp8e4m3", "fp8e4m3"),
+    ("fp8e5m2", "fp8e5m2"), ("mxfp8", "mxfp8e4m3"), ("MXFP8E4M3", "mxfp8e4m3"), ("mxfp8e5m2", "mxfp8e5m2"),
+    ("mxfp6e2m3", "mxfp6e2m3"), ("mxfp6e3m2", "mxfp6e3m2"), ("mxfp4", "mxfp4e2m1"), ("mxint8", "mxint8"),
+    ("MXFP8-CEIL", "mxfp8e4m3-ceil"), ("mxint8-ceil", "mxint8-ceil"), ("mxfp4-ceil", "mxfp4e2m1-ceil")])
+def test_every_spec_of_the_grammar_has_one_canonical_spelling(spec, canonical):
+    assert formats.canonical(spec) == canonical
+    number_format = formats.parse(spec)
+    assert (number_format is None) == (spec == "fp32")
+    if number_format is not None:
+        assert number_format.spec == canonical and formats.parse(canonical) == number_format
+    assert "/" not in formats.path_tag(spec)
+
+
+def test_specs_build_the_formats_they_name():
+    assert formats.parse("bfp8/32") == formats.BlockFormat(8, block_size=32)
+    assert formats.parse("fixed8.6") == formats.FixedFormat(8, 6)
+    assert formats.parse("bf16") == formats.FloatFormat(8, 7) and formats.parse("fp16") == formats.FloatFormat(5, 10)
+    largest = {spec: formats.parse(spec).element.largest for spec in
+               ("fp8e4m3", "fp8e5m2", "mxfp6e2m3", "mxfp6e3m2", "mxfp4", "mxint8")}
+    # The OCP tables: largest normal (2 - 2^-man) 2^emax, E4M3 losing its top mantissa to NaN.
+    assert largest == {"fp8e4m3": 448.0, "fp8e5m2": 57344.0, "mxfp6e2m3": 7.5, "mxfp6e3m2": 28.0, "mxfp4": 6.0,
+                       "mxint8": 127 / 64}
+
+
+@pytest.mark.parametrize("spec, complaint", [
+    ("bfp1", "block word length must be in [2, 22]"), ("bfp8/0", "positive size"), ("e9m2", "exp in [2, 8]"),
+    ("e4m23", "man in [0, 22]"), ("fixed40.4", "word length must be in [2, 32]"), ("mxfp6e4m3", "not a number format"),
+    ("fp8", "not a number format"), ("bfp8/", "not a number format"), ("int8", "not a number format"),
+    ("e4m3-ceil", "not a number format")])
+def test_bad_specs_say_what_is_wrong_in_one_line(spec, complaint):
+    with pytest.raises(FormatError) as error:
+        formats.parse(spec)
+    assert complaint in str(error.value) and "\n" not in str(error.value) and spec in str(error.value)
+
+
+def test_row_blocks_cut_rows_into_padded_blocks_and_put_them_back():
+    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
+    blocks, restore = formats.row_blocks(x, 32)
+    assert blocks.shape == (8, 32)  # a row of 105 is 4 blocks, the last padded with 23 zeros
+    assert torch.equal(blocks[3, :9], x[0].flatten()[96:]) and not blocks[3, 9:].any()
+    assert torch.equal(restore(blocks), x)
+    vector, restore_vector = formats.row_blocks(torch.ones(40), 16)  # a 1-D tensor is one row
+    assert vector.shape == (3, 16) and torch.equal(restore_vector(vector), torch.ones(40))
+
+
+def hard_inputs():
+    """Every scale from subnormal to 1e36, zeros, ties and exact powers of two."""
+    torch.manual_seed(0)
+    x = torch.randn(24, 40) * torch.logspace(-38, 36, 24).view(24, 1)
+    x[3] = 0
+    x[5, :7] = torch.tensor([1e-41, -3e-44, 1.0625, -1.0625, 1.1875, 2.0 ** -10, 0.0])
+    x[6] = 2.0 ** torch.randint(-20, 20, (40,)).float()
+    return torch.cat([x.flatten(), torch.tensor([float("inf"), -float("inf"), float("nan")])])
+
+
+@pytest.mark.parametrize("spec", ["e4m3", "e5m2", "bf16", "fp16", "e3m4", "fixed8.6", "fixed16.8", "bfp8/32"])
+def test_fixed_float_and_blocked_formats_are_bit_identical_to_qtorch(spec):
+    pytest.importorskip("qtorch.quant")
+    qtorch_backend = quantization.load_qtorch_backend()
+    number_format = formats.parse(spec)
+    x = hard_inputs()
+    if spec.startswith("fixed"):
+        x = x * 1e-36
+    if spec.startswith("bfp"):
+        x = x[:-3].reshape(24, 40)  # blocks with inf or NaN are checked in test_torch_quant
+    assert_bit_identical(number_format.quantize(x, "nearest", TORCH),
+                         number_format.quantize(x, "nearest", qtorch_backend))
+
+
+def test_a_block_size_gives_each_run_of_k_elements_of_a_row_its_own_exponent():
+    torch.manual_seed(0)
+    x = torch.randn(3, 70) * torch.logspace(-3, 3, 70)
+    out = formats.BlockFormat(6, block_size=32).quantize(x, "nearest", TORCH)
+    for start in (0, 32, 64):
+        piece = x[:, start:start + 32]
+        assert torch.equal(out[:, start:start + 32], tq.block_quantize(piece, 6, 0, "nearest"))
+    assert not torch.equal(out, tq.block_quantize(x, 6, 0, "nearest"))
+
+
+def mx_cases():
+    """Rows of 64 at scales from 2^-100 to 2^100 (normal enough that the
+    scale is an exponent of the block's maximum), zeros, ties, saturation."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 64) * (2.0 ** torch.linspace(-100, 100, 40)).view(40, 1)
+    x[0] = 0
+    x[1, :32] = torch.linspace(-10, 10, 32)   # values between the element grid points
+    x[2, :4] = torch.tensor([7.9, 3.0, 2.5, 0.75])  # 7.9 saturates in E4M3's [448, 512) x scale
+    return x
+
+
+@pytest.mark.parametrize("spec, dtype_name", [("mxfp8e4m3", "float8_e4m3fn"), ("mxfp8e5m2", "float8_e5m2"),
+                                              ("mxfp6e2m3", "DTYPE_FP6_E2M3"), ("mxfp6e3m2", "DTYPE_FP6_E3M2"),
+                                              ("mxfp4", "float4_e2m1fn_x2")])
+@pytest.mark.parametrize("scale", ["floor", "ceil"])
+def test_mx_nearest_equals_torchao(spec, dtype_name, scale):
+    mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    constants = pytest.importorskip("torchao.prototype.mx_formats.constants")
+    dtype = getattr(torch, dtype_name, None) or getattr(constants, dtype_name)
+    x = mx_cases()
+    # torchao's FLOOR is the spec's scale, its RCEIL the smallest scale that saturates nothing.
+    mode = mx.ScaleCalculationMode.FLOOR if scale == "floor" else mx.ScaleCalculationMode.RCEIL
+    scales, data = mx.to_mx(x, dtype, 32, mode)
+    expected = mx.to_dtype(data, scales, dtype, 32, torch.float32)
+    number_format = formats.parse(spec + ("-ceil" if scale == "ceil" else ""))
+    assert_bit_identical(number_format.quantize(x, "nearest", TORCH), expected)
+
+
+def test_the_floor_scale_saturates_a_blocks_largest_values_and_the_ceil_scale_does_not():
+    x = torch.linspace(0.25, 7.9, 32)  # the maximum, 7.9, has scale 2^(2 - 8) and lies above 448 x 2^-6 = 7
+    floor, ceil = (formats.parse(spec).quantize(x, "nearest", TORCH) for spec in ("mxfp8", "mxfp8-ceil"))
+    assert floor.max() == 7 and ceil.max() == 8  # ceil: scale 2^-5, 7.9 rounds to 256 x 2^-5
+    assert (floor[x < 6.5] == formats.parse("fp8e4m3").quantize(x[x < 6.5], "nearest", TORCH)).all()
+
+
+def mx_reference(x, element, rounding_up=None):
+    """MX from the spec in float64, one block of 32 at a time: scale
+    2^(floor(log2 max) - emax), element rounded on its own grid (ties to
+    even), clamped to the largest element."""
+    out = []
+    for block in x.double().reshape(-1, 32):
+        peak = block.abs().max().item()
+        exponent = max(math.floor(math.log2(peak)) - element.emax, -127) if peak else -127
+        scaled = block / 2.0 ** exponent
+        floor_exponent = torch.floor(torch.log2(scaled.abs())).clamp(min=element.min_exponent)
+        step = 2.0 ** (floor_exponent - element.man)
+        rounded = torch.round(scaled / step) * step
+        out.append(rounded.clamp(-element.largest, element.largest) * 2.0 ** exponent)
+    return torch.stack(out).reshape(x.shape).float()
+
+
+def test_mxint8_nearest_equals_a_reference_written_from_the_spec():
+    # torchao has no MXINT8; INT8 elements are multiples of 2^-6, here symmetric in [-127/64, 127/64].
+    x = mx_cases()
+    x[3, 0] = 1.0  # the block's scale is 2^0 ...
+    x[3, 1:32] = torch.arange(31) / 64 + 1 / 128  # ... and these lie halfway between multiples of 2^-6
+    ours = formats.parse("mxint8").quantize(x, "nearest", TORCH)
+    assert_bit_identical(ours, mx_reference(x, formats.ELEMENTS["int8"]))
+    assert torch.equal(ours[3, 1:32] * 64, (torch.arange(31) + 0.5).round())  # ties to even
+    blocks = x.reshape(-1, 32)[2:]  # (the first two blocks are zeros)
+    scaled = ours.reshape(-1, 32)[2:] / 2.0 ** torch.floor(torch.log2(blocks.abs().amax(1, keepdim=True)))
+    assert torch.equal(scaled * 64, (scaled * 64).round()) and scaled.abs().max() <= 127 / 64
+
+
+def test_mx_blocks_with_inf_or_nan_become_nan_and_others_are_untouched():
+    x = torch.randn(4, 64)
+    x[0, 3], x[1, 40] = float("inf"), float("nan")
+    out = formats.parse("mxfp8").quantize(x, "nearest", TORCH)
+    assert out[0, :32].isnan().all() and out[1, 32:].isnan().all()
+    assert not out[0, 32:].isnan().any() and not out[1, :32].isnan().any() and not out[2:].isnan().any()
+
+
+def test_ocp_fp8_equals_torch_float8_casts():
+    x = torch.cat([hard_inputs(), torch.tensor([449.0, 464.0, 470.0, 500.0, 1e6, -1e6, 2.0 ** -10, 3 * 2.0 ** -10])])
+    e4m3 = formats.parse("fp8e4m3").quantize(x, "nearest", TORCH)
+    # torch's E4M3 cast saturates like ours, inf included; NaN stays NaN.
+    assert_same_numbers(e4m3, x.to(torch.float8_e4m3fn).float())
+    e5m2 = formats.parse("fp8e5m2").quantize(x, "nearest", TORCH)
+    cast = x.to(torch.float8_e5m2).float()
+    within = x.abs() < 61440  # halfway from 57344 to 65536: beyond it torch's cast gives inf, ours saturates
+    assert_same_numbers(e5m2[within | x.isnan()], cast[within | x.isnan()])
+    assert (e5m2[~within & ~x.isnan()].abs() == 57344).all() and cast[~within & ~x.isnan()].isinf().all()
+
+
+def test_qtorch_e4m3_and_e5m2_agree_with_torch_float8_casts_except_for_ties_and_range():
+    x = hard_inputs()
+    for spec, ocp, dtype in (("e4m3", "fp8e4m3", torch.float8_e4m3fn), ("e5m2", "fp8e5m2", torch.float8_e5m2)):
+        ours, theirs = formats.parse(spec).quantize(x, "nearest", TORCH), x.to(dtype).float()
+        ties = torch.tensor([1.0625, -1.0625, 1.3125, 2.0 ** -10]) if spec == "e4m3" else torch.tensor([1.125, -1.625])
+        away = formats.parse(spec).quantize(ties, "nearest", TORCH)
+        even = formats.parse(ocp).quantize(ties, "nearest", TORCH)
+        assert (away.abs() > even.abs()).all()  # qtorch: ties away from zero; OCP: ties to even
+        largest = formats.parse(ocp).element.largest
+        ordinary = (x.abs() < largest) & ~torch.isin(x, ties)
+        assert torch.equal(ours[ordinary], theirs[ordinary])  # equal values: qtorch flushes -tiny to +0
+    # qtorch reserves no code for NaN or inf: its E4M3 reaches 480 and E5M2 114688.
+    big = torch.tensor([1e9])
+    assert formats.parse("e4m3").quantize(big, "nearest", TORCH).item() == 480
+    assert formats.parse("e5m2").quantize(big, "nearest", TORCH).item() == 114688
+    assert formats.parse("fp8e4m3").quantize(big, "nearest", TORCH).item() == 448
+
+
+def element_grid(element):
+    """Every non-negative value of an element format, built from its fields."""
+    values = {m * 2.0 ** (element.min_exponent - element.man) for m in range(2 ** element.man)}
+    for exponent in range(element.min_exponent, element.emax + 1):
+        values |= {(1 + m / 2 ** element.man) * 2.0 ** exponent for m in range(2 ** element.man)}
+    return sorted(v for v in values if v <= element.largest)
+
+
+@pytest.mark.parametrize("spec", ["fp8e4m3", "fp8e5m2", "mxfp8e4m3", "mxfp6e3m2", "mxfp4", "mxint8"])
+def test_ocp_stochastic_rounding_is_unbiased_between_the_two_neighbours(spec):
+    number_format = formats.parse(spec)
+    element = number_format.element
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(32, generator=generator) * element.largest * 0.9 - element.largest * 0.45
+    x[0] = 1.5 * 2.0 ** element.emax  # the block's maximum: its scale is 2^0 (no saturation region)
+    grid = torch.tensor(element_grid(element), dtype=torch.float64)
+    grid = torch.cat([-grid.flip(0), grid])
+    upper = torch.searchsorted(grid, x.double(), right=True).clamp(max=len(grid) - 1)
+    low, high = grid[upper - 1], grid[upper]
+    low, high = torch.where(grid[upper - 1] == x, x.double(), low), torch.where(grid[upper - 1] == x, x.double(), high)
+    draws = 4000
+    out = number_format.quantize(x.repeat(draws, 1), "stochastic", TORCH, generator).double()
+    assert ((out == low) | (out == high)).all()
+    p_up = (x.double() - low) / (high - low).clamp(min=1e-300)
+    observed = (out == high).double().mean(0)
+    interior = high > low
+    bound = 6 * (p_up * (1 - p_up) / draws).sqrt() + 1e-9
+    assert ((observed - p_up).abs() <= bound)[interior].all()
+    mean_error = (out.mean(0) - x.double())[interior] / (high - low)[interior]
+    assert (mean_error.abs() < 6 * 0.5 / draws ** 0.5).all()
+
+
+def test_mx_stochastic_rounding_uses_the_block_scale_and_follows_the_generator():
+    x = torch.randn(4, 32) * 1000
+    out = formats.parse("mxfp4").quantize(x, "stochastic", TORCH, torch.Generator().manual_seed(3))
+    again = formats.parse("mxfp4").quantize(x, "stochastic", TORCH, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    scale = 2.0 ** (torch.floor(torch.log2(x.abs().amax(1, keepdim=True))) - 2)
+    grid = torch.tensor(element_grid(formats.ELEMENTS["e2m1"]))
+    assert torch.isin((out / scale).abs(), grid).all()
+
+
+def test_backends_say_which_formats_they_compute():
+    lean = quantization.Backend("lean", tq.block_quantize, tq.fixed_point_quantize, tq.float_quantize, seedable=True)
+    kinds = dict.fromkeys(quantization.NUMBER_KINDS, -1)
+    for spec in ("bfp8", "bfp8/16", "fixed8.6", "e4m3"):
+        assert lean.supports(formats.parse(spec)) and TORCH.supports(formats.parse(spec))
+    for spec in ("fp8e4m3", "mxfp8", "mxint8"):
+        assert TORCH.supports(formats.parse(spec)) and not lean.supports(formats.parse(spec))
+        with pytest.raises(quantization.UnsupportedFormat, match=f"the lean backend cannot compute {spec}"):
+            quantization.build_quantizers({**kinds, "weight": formats.parse(spec)}, "nearest", backend=lean)
+    quantizers = quantization.build_quantizers({**kinds, "weight": formats.parse("mxfp8"), "grad": 8}, "nearest",
+                                               backend=lean, fallback=TORCH)
+    assert quantizers["weight"].backend is TORCH and quantizers["grad"].backend is lean
+
+
+def test_ocp_kernels_reject_what_float32_cannot_simulate():
+    x = torch.randn(4, 32)
+    for bad in (dict(man=0, min_exponent=-6), dict(man=23, min_exponent=-6), dict(man=3, min_exponent=-125)):
+        with pytest.raises(ValueError):
+            tq.minifloat_quantize(x, largest=448.0, rounding="nearest", **bad)
+    with pytest.raises(ValueError):
+        tq.mx_quantize(x.view(4, 2, 16), 3, -6, 8, 448.0, "nearest")
+    with pytest.raises(ValueError):
+        tq.mx_quantize(x, 3, -6, 8, 448.0, "nearest", scale="round")
+    with pytest.raises(ValueError):
+        formats.MXFormat(formats.ELEMENTS["e4m3"], scale="round")
