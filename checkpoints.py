@@ -1,20 +1,20 @@
 """Checkpoint files: names, atomic saves that fail cleanly, pruning, and
 loading that refuses damaged content.
 
-Every checkpoint carries a checksum of its content (each tensor's bytes and
-every plain value), computed when it is saved and verified when it is
-loaded, so that bytes changed on disk are caught even where the file still
+Every checkpoint carries a checksum (CRC-32) of its content (each tensor's
+bytes and every plain value), computed when it is saved and verified when
+it is loaded, so that bytes changed on disk are caught even where the file still
 unpickles. A checkpoint is also refused when its weights, SWA weights,
 momenta or accumulators hold NaN or inf, and (`check_structure`) when a
 field does not have the type or shape this run needs.
 """
 
-import hashlib
 import math
 import os
 import pickle
 import random
 import re
+import zlib
 
 import numpy as np
 import torch
@@ -51,30 +51,30 @@ def list_checkpoints(directory):
 
 # ---------------------------------------------------------------- content checksum
 
-def _feed(hasher, value):
-    """Hash `value` in a form that survives a save and a weights-only load
-    (tuples and lists alike, dict order kept)."""
+def _crc(value, crc):
+    """CRC-32 of `value` continued from `crc`, in a form that survives a save
+    and a weights-only load (tuples and lists alike, dict order kept)."""
     if isinstance(value, torch.Tensor):
-        hasher.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        hasher.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(value, dict):
-        hasher.update(f"D{len(value)}".encode())
+        crc = zlib.crc32(f"T{value.dtype}{tuple(value.shape)}".encode(), crc)
+        return zlib.crc32(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    if isinstance(value, dict):
+        crc = zlib.crc32(f"D{len(value)}".encode(), crc)
         for key, item in value.items():
-            _feed(hasher, key)
-            _feed(hasher, item)
-    elif isinstance(value, (list, tuple)):
-        hasher.update(f"L{len(value)}".encode())
+            crc = _crc(item, _crc(key, crc))
+        return crc
+    if isinstance(value, (list, tuple)):
+        crc = zlib.crc32(f"L{len(value)}".encode(), crc)
         for item in value:
-            _feed(hasher, item)
-    else:
-        hasher.update(f"{type(value).__name__}:{value!r};".encode())
+            crc = _crc(item, crc)
+        return crc
+    return zlib.crc32(f"{type(value).__name__}:{value!r};".encode(), crc)
 
 
 def content_checksum(state):
-    """A digest of every tensor's bytes and every plain value in `state`."""
-    hasher = hashlib.blake2b(digest_size=16)
-    _feed(hasher, state)
-    return hasher.hexdigest()
+    """CRC-32 of every tensor's bytes and every plain value in `state`: made
+    to catch accidental damage, and the fastest such checksum at hand (zlib's,
+    about twice blake2b's speed here)."""
+    return _crc(state, 0)
 
 
 def seal(state):
@@ -190,7 +190,11 @@ def _read(path):
 def _first_non_finite(value, key):
     """The key of the first floating-point tensor in `value` holding NaN or inf."""
     if isinstance(value, torch.Tensor):
-        return key if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+        # A sum is non-finite when any element is (or it overflows, hence the
+        # exact check after it); much faster than isfinite(...).all() on the CPU.
+        finite = not value.is_floating_point() or bool(torch.isfinite(value.sum())) \
+            or bool(torch.isfinite(value).all())
+        return None if finite else key
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) \
         else ()
     for name, item in items:

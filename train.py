@@ -425,7 +425,14 @@ class Training:
 
     def load_state_dict(self, checkpoint, path):
         """Continue from a checkpoint (as checkpoints.load_checkpoint returns
-        it), checked field by field against this run first."""
+        it): its flags, then every field, checked against this run first."""
+        saved = checkpoint["config"]
+        if not isinstance(saved, dict):
+            raise UserError(f"checkpoint {path} is malformed: config must be a dict, found {type(saved).__name__}")
+        for key in STATE_DEFINING:
+            if saved.get(key) != getattr(self.args, key):
+                raise UserError(f"checkpoint {path} was written with {flag_name(key)} {saved.get(key)}, "
+                                f"this run has {getattr(self.args, key)}; resume with the same flags")
         try:
             checkpoints.check_structure(
                 checkpoint, self.net.state_dict(), self.swa_model.state_dict(),
@@ -439,11 +446,6 @@ class Training:
             raise UserError(f"checkpoint {path} is mid-epoch and was written by {checkpoint['world_size']} "
                             f"process(es), this run has {self.world.size}; resume it with as many, or resume "
                             f"from an epoch checkpoint (checkpoint-<epoch>.pt)")
-        saved = checkpoint["config"]
-        for key in STATE_DEFINING:
-            if saved.get(key) != getattr(self.args, key):
-                raise UserError(f"checkpoint {path} was written with {flag_name(key)} {saved.get(key)}, "
-                                f"this run has {getattr(self.args, key)}; resume with the same flags")
         try:
             self.net.load_state_dict(checkpoint["model_state"])
             self.swa_model.load_state_dict(checkpoint["swa_state"])

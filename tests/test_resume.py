@@ -22,6 +22,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(
     wait_for(run_dir / "checkpoint-1-step2.pt", process)
     process.kill()
     process.wait()
+    assert (run_dir / ".train.lock").exists()  # left behind, but its lock died with the process
     newest = max(run_dir.glob("checkpoint-*.pt"), key=os.path.getmtime)
     torch.load(newest, weights_only=True)  # a kill, even during a save, leaves the newest checkpoint whole
 
