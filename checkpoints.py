@@ -286,14 +286,14 @@ def _check_rng(state, key):
         np.random.RandomState().set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     except (TypeError, ValueError, AttributeError) as error:
         raise Rejected(f"{key}['numpy'] is not a NumPy generator state ({first_line(error)})") from None
-    for name, states in (("torch", [state["torch"]]), ("cuda", state["cuda"])):
-        for generator_state in states if isinstance(states, (list, tuple)) else [states]:
-            expected = torch.get_rng_state()
-            if not isinstance(generator_state, torch.Tensor) or generator_state.dtype != torch.uint8 \
-                    or (name == "torch" and generator_state.shape != expected.shape):
-                raise Rejected(f"{key}[{name!r}] must be a uint8 tensor"
-                               + (f" of shape {list(expected.shape)}" if name == "torch" else "")
-                               + f", found {_shape(generator_state)}")
+    expected = torch.get_rng_state()
+    found = state["torch"]
+    if not isinstance(found, torch.Tensor) or found.dtype != torch.uint8 or found.shape != expected.shape:
+        raise Rejected(f"{key}['torch'] must be a uint8 tensor of shape {list(expected.shape)}, found {_shape(found)}")
+    cuda = state["cuda"]
+    if not isinstance(cuda, (list, tuple)) or not all(
+            isinstance(found, torch.Tensor) and found.dtype == torch.uint8 for found in cuda):
+        raise Rejected(f"{key}['cuda'] must be a list of uint8 tensors (one per device)")
 
 
 def check_structure(checkpoint, model_state, swa_state, parameter_shapes, accumulators, epoch_totals):

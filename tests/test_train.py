@@ -136,7 +136,7 @@ def test_help_explains_every_flag(run_train):
     (["--wl-acc", 40], "--wl-acc: 40 is not a word length"),
     (["--lr_init", 0], "--lr_init: 0 must be positive"),
     (["--lr_init", "nan"], "--lr_init: nan is not a number"),
-    (["--wd", "inf"], "--wd: inf must be 0 or more"),
+    (["--wd", "inf"], "--wd: inf must be finite"),
     (["--seed", -1], "--seed: -1 must be in 0..2^32-1"),
     (["--num_workers", -1], "--num_workers: -1 must be 0 or more"),
     (["--device", "mps"], "--device mps is not supported"),
