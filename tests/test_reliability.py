@@ -208,6 +208,16 @@ def test_a_vanished_directory_and_a_failed_results_json_are_write_failures(tmp_p
 
 # ---------------------------------------------------------------- 4. checksums and numbers
 
+def malformed(state, change):
+    """A copy of `state` (its containers, not its tensors) changed by `change`."""
+    import copy
+
+    broken = {key: copy.copy(value) for key, value in state.items()}
+    broken["rng"] = [dict(generators) for generators in state["rng"]]
+    change(broken)
+    return broken
+
+
 def test_flipped_bytes_deep_in_tensor_data_are_caught(state, tmp_path):
     older = checkpoints.save_checkpoint(str(tmp_path), {**state, "epoch": 1, "step": 0})
     newer = checkpoints.save_checkpoint(str(tmp_path), {**state, "epoch": 2, "step": 0})
@@ -224,20 +234,20 @@ def test_flipped_bytes_deep_in_tensor_data_are_caught(state, tmp_path):
 
 
 @pytest.mark.parametrize("part", ["model_state", "swa_state", "momentum", "weight_acc"])
-def test_nan_or_inf_in_a_checkpoint_is_refused(state, training, tmp_path, part):
-    import copy
-
-    broken = copy.deepcopy(state)
+def test_nan_or_inf_in_a_checkpoint_is_refused(state, tmp_path, part):
+    broken = malformed(state, lambda s: None)
     if part == "momentum":
-        for param in training.net.parameters():
-            training.optimizer.optim.state[param]["momentum_buffer"] = torch.zeros_like(param)
-        broken["optimizer_state"] = copy.deepcopy(training.optimizer.optim.state_dict())
+        shape = next(iter(state["model_state"].values())).shape
+        broken["optimizer_state"] = {"state": {0: {"momentum_buffer": torch.zeros(shape)}},
+                                     "param_groups": state["optimizer_state"]["param_groups"]}
         tensor, key = broken["optimizer_state"]["state"][0]["momentum_buffer"], "optimizer_state['state'][0]"
     elif part == "weight_acc":
-        tensor, key = broken["weight_acc"][1], "weight_acc[1]"
+        broken["weight_acc"][1] = tensor = state["weight_acc"][1].clone()
+        key = "weight_acc[1]"
     else:
-        name = next(name for name, tensor in broken[part].items() if tensor.is_floating_point())
-        tensor, key = broken[part][name], f"{part}['{name}']"
+        name = next(name for name, tensor in state[part].items() if tensor.is_floating_point())
+        broken[part][name] = tensor = state[part][name].clone()
+        key = f"{part}['{name}']"
     tensor.view(-1)[0] = float("inf") if part == "swa_state" else float("nan")
     path = tmp_path / "checkpoint-3.pt"
     torch.save(checkpoints.seal(broken), path)  # a valid checksum over a NaN
@@ -253,14 +263,6 @@ def test_a_checksum_survives_a_save_and_a_load(state, tmp_path):
 
 
 # ---------------------------------------------------------------- 5. structure
-
-def malformed(state, change):
-    import copy
-
-    broken = copy.deepcopy(state)
-    change(broken)
-    return broken
-
 
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.update(config="CIFAR10"), "config must be a dict, found str"),
