@@ -3,8 +3,8 @@ loading that refuses damaged content.
 
 Every checkpoint carries a checksum (CRC-32) of its content (each tensor's
 bytes and every plain value), computed when it is saved and verified when
-it is loaded, so that bytes changed on disk are caught even where the file still
-unpickles. A checkpoint is also refused when its weights, SWA weights,
+it is loaded, so that bytes changed on disk are caught even where the file
+still unpickles. A checkpoint is also refused when its weights, SWA weights,
 momenta or accumulators hold NaN or inf, and (`check_structure`) when a
 field does not have the type or shape this run needs.
 """
@@ -149,13 +149,15 @@ def failed_write_message(directory, failed):
     """One line for a failed write: what failed, the newest checkpoint to
     resume from, and the free space to make (at least the larger of the
     failed write and the newest checkpoint)."""
+    if not os.path.isdir(directory):
+        return f"{failed}; the run directory {directory} no longer exists: restore it, or start again elsewhere"
     saved = list_checkpoints(directory)
     newest = saved[-1][2] if saved else None
     needed = max(failed.size, os.path.getsize(newest) if newest else 0)
     where = f"free at least {needed / 2 ** 20:.0f} MB in {directory}"
     if newest:
         return f"{failed}; the newest good checkpoint is {newest}: {where} and resume with --resume {newest}"
-    return f"{failed}; no checkpoint was written yet: {where} and start again"
+    return f"{failed}; no checkpoint was written yet: {where} and start again with --overwrite"
 
 
 def prune_epoch_checkpoints(directory, keep, protected_epoch):

@@ -194,8 +194,11 @@ def test_disk_full_during_a_save_keeps_the_earlier_checkpoints_and_records_the_f
 
 
 def test_a_vanished_directory_and_a_failed_results_json_are_write_failures(tmp_path, monkeypatch):
-    with pytest.raises(utils.WriteFailed, match="No such file or directory"):
-        checkpoints.save_checkpoint(str(tmp_path / "gone"), {"epoch": 1, "step": 0})
+    gone = str(tmp_path / "gone")
+    with pytest.raises(utils.WriteFailed, match="No such file or directory") as failure:
+        checkpoints.save_checkpoint(gone, {"epoch": 1, "step": 0})
+    assert checkpoints.failed_write_message(gone, failure.value).endswith(
+        f"the run directory {gone} no longer exists: restore it, or start again elsewhere")
 
     def eio(fd):
         raise OSError(errno.EIO, "Input/output error")
