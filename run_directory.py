@@ -47,7 +47,11 @@ def missing_folders(path):
 
 class RunLock:
     """An exclusive flock on run_dir/.train.lock, which holds the owner's
-    process id and host for the message a second run shows."""
+    process id and host for the message a second run shows.
+
+    fcntl directly rather than the filelock package: the lock file must
+    carry its owner for that message, and is removed on release so that a
+    finished run leaves nothing behind, which needs the check in acquire."""
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
