@@ -8,7 +8,7 @@ statistics.
 """
 
 import argparse
-import glob
+import contextlib
 import math
 import os
 import random
@@ -21,18 +21,29 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+import checkpoints
 import distributed
 import formats
 import models
 import quantization
+import run_directory
 import swa
 import utils
 from seeding import mix_seed
 from utils import UserError
 
 
+def parse_number(kind, text):
+    """`text` as a `kind`, or an argparse error that says what it is not."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not {'a whole number' if kind is int else 'a number'}") \
+            from None
+
+
 def word_length(text):
-    value = int(text)
+    value = parse_number(int, text)
     if value != -1 and not formats.MIN_WL <= value <= formats.MAX_WL:
         raise argparse.ArgumentTypeError(
             f"{value} is not a word length: use -1 (full precision) or "
@@ -43,8 +54,12 @@ def word_length(text):
 def number(kind, valid, requirement):
     """An argparse type: a finite `kind` for which valid(value) holds."""
     def parse(text):
-        value = kind(text)
-        if not math.isfinite(value) or not valid(value):
+        value = parse_number(kind, text)
+        if math.isnan(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a number")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} must be finite")
+        if not valid(value):
             raise argparse.ArgumentTypeError(f"{text} must be {requirement}")
         return value
     return parse
@@ -162,6 +177,9 @@ def build_parser():
                         help="save a checkpoint every N epochs, besides at swa_start and the end (default: 25)")
     output.add_argument("--eval_freq", type=positive(int), default=1, metavar="N",
                         help="evaluate every N epochs, besides at swa_start and the end (default: 1)")
+    output.add_argument("--keep_checkpoints", type=positive(int), default=None, metavar="N",
+                        help="keep only the newest N epoch checkpoints, and the one at swa_start "
+                             "(default: all)")
     output.add_argument("--save_every_steps", type=non_negative_int, default=0, metavar="N",
                         help="also checkpoint every N optimizer steps within epochs, keeping only the newest "
                              "such checkpoint (default: 0, off)")
@@ -195,6 +213,9 @@ def parse_args(argv=None):
         parser.error(f"--model {args.model} is for {'CIFAR' if imagenet else 'ImageNet'}; use "
                      + (", ".join(models.IMAGENET_MODELS) if imagenet else "a CIFAR model") +
                      f" with --dataset {args.dataset}")
+    idle = idle_flag(args, parser)
+    if idle:
+        parser.error(idle)
     try:
         lengths, specs = formats.per_kind(word_lengths(args), format_specs(args), args.format)
     except formats.FormatError as error:
@@ -203,6 +224,24 @@ def parse_args(argv=None):
         setattr(args, f"wl_{kind}", lengths[kind])
         setattr(args, f"format_{kind}", specs[kind])
     return args
+
+
+def idle_flag(args, parser):
+    """Why a flag given with a non-default value would do nothing here, or None."""
+    def given(key):
+        return getattr(args, key) != parser.get_default(key)
+
+    if args.swa_schedule == "constant":
+        for key in ("swa_lr_max", "swa_cycle_steps"):
+            if given(key):
+                return f"{flag_name(key)} applies only to --swa_schedule cyclic"
+    if given("swa_c_epochs") and (args.swa_c_steps or args.swa_schedule == "cyclic"):
+        return (f"--swa_c_epochs does nothing when averaging every --swa_c_steps iterations "
+                f"(or every cycle of the cyclic schedule); pass one of them")
+    if args.momentum == 0 and (args.wl_momentum not in (None, -1) or args.format_momentum):
+        flag = "--wl-momentum" if args.wl_momentum not in (None, -1) else "--format-momentum"
+        return f"{flag} does nothing with --momentum 0 (there are no momentum buffers)"
+    return None
 
 
 def word_lengths(args):
@@ -232,61 +271,6 @@ def resolve_device(name):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return device
-
-
-PARTIAL_WRITES = ("results.json.tmp", "checkpoint-*.pt.tmp")
-
-
-def run_files(run_dir, patterns):
-    return [path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(run_dir), pattern))]
-
-
-def previous_outputs(run_dir):
-    """What a run left in run_dir: results.json, checkpoints, TensorBoard events."""
-    events = ("events.out.tfevents.*", os.path.join("steps", "events.out.tfevents.*"))
-    found = run_files(run_dir, ("results.json", *events))
-    return found + [path for _, _, path in utils.list_checkpoints(run_dir)]
-
-
-def prepare_run_dir(args):
-    """The run directory, created and checked writable, and the previous
-    run's outputs that --overwrite replaces (deleted once the new run has
-    loaded its data and model). A directory that already holds a run is used
-    only to resume it (from its own checkpoint) or with --overwrite."""
-    run_dir = args.dir or os.path.join(
-        "runs", f"{args.dataset}-{args.model}-{precision_tag(args)}-seed{args.seed}")
-    previous = previous_outputs(run_dir)
-    holds_run = any(not os.path.basename(path).startswith("events.") for path in previous)
-    own_checkpoint = args.resume == "auto" or (
-        args.resume and os.path.dirname(os.path.realpath(args.resume)) == os.path.realpath(run_dir))
-    if holds_run and not own_checkpoint and not args.overwrite:
-        hint = "resume with one of its own checkpoints" if args.resume else "pass --resume auto to continue it"
-        raise UserError(f"{run_dir} already holds a run; {hint}, --overwrite to replace it, or another --dir")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f"cannot write to run directory {run_dir} ({error.strerror}); "
-                        f"choose another --dir") from None
-    for path in run_files(run_dir, PARTIAL_WRITES):
-        os.remove(path)
-    return run_dir, (previous if args.overwrite and not own_checkpoint else [])
-
-
-def resolve_resume(args, run_dir):
-    """The checkpoint to resume from: --resume PATH, or with --resume auto the
-    newest in the run directory (None, a fresh start, when it has none)."""
-    if args.resume != "auto":
-        return args.resume
-    checkpoints = utils.list_checkpoints(run_dir)
-    if checkpoints:
-        return checkpoints[-1][2]
-    if os.path.exists(os.path.join(run_dir, "results.json")):
-        raise UserError(f"--resume auto: {run_dir} holds results.json but no checkpoint to continue from; "
-                        f"pass --overwrite to start afresh or another --dir")
-    return None
 
 
 def seed_everything(seed):
@@ -334,8 +318,6 @@ STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum
                   "swa_c_epochs", "swa_c_steps", "swa_schedule", "swa_lr_max", "swa_cycle_steps", "rounding",
                   "small_block", "block_dim", "quant_placement") + tuple(
     f"{flag}_{kind}" for flag in ("wl", "format") for kind in quantization.NUMBER_KINDS)
-CHECKPOINT_KEYS = {"epoch", "step", "config", "model_state", "swa_state", "optimizer_state", "weight_acc",
-                   "noise_step", "rng", "loader_generator", "history", "epoch_totals", "world_size"}
 
 
 def flag_name(key):
@@ -470,19 +452,28 @@ class Training:
         )
 
     def load_state_dict(self, checkpoint, path):
-        missing = CHECKPOINT_KEYS - set(checkpoint) if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
-        if missing:
-            raise UserError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; "
-                            f"it was not written by this train.py")
-        if checkpoint["step"] and checkpoint["world_size"] != self.world.size:
-            raise UserError(f"checkpoint {path} is mid-epoch and was written by {checkpoint['world_size']} "
-                            f"process(es), this run has {self.world.size}; resume it with as many, or resume "
-                            f"from an epoch checkpoint (checkpoint-<epoch>.pt)")
+        """Continue from a checkpoint (as checkpoints.load_checkpoint returns
+        it): its flags, then every field, checked against this run first."""
         saved = checkpoint["config"]
+        if not isinstance(saved, dict):
+            raise UserError(f"checkpoint {path} is malformed: config must be a dict, found {type(saved).__name__}")
         for key in STATE_DEFINING:
             if saved.get(key) != getattr(self.args, key):
                 raise UserError(f"checkpoint {path} was written with {flag_name(key)} {saved.get(key)}, "
                                 f"this run has {getattr(self.args, key)}; resume with the same flags")
+        try:
+            checkpoints.check_structure(
+                checkpoint, self.net.state_dict(), self.swa_model.state_dict(),
+                [param.shape for param in self.net.parameters()], self.accumulators(), utils.new_epoch_totals())
+        except checkpoints.Rejected as rejected:
+            raise UserError(f"checkpoint {path} is malformed: {rejected}") from None
+        if checkpoint["epoch"] > self.args.epochs:
+            raise UserError(f"checkpoint {path} is after epoch {checkpoint['epoch']}, beyond --epochs "
+                            f"{self.args.epochs}; resume with --epochs {checkpoint['epoch']} or more")
+        if checkpoint["step"] and checkpoint["world_size"] != self.world.size:
+            raise UserError(f"checkpoint {path} is mid-epoch and was written by {checkpoint['world_size']} "
+                            f"process(es), this run has {self.world.size}; resume it with as many, or resume "
+                            f"from an epoch checkpoint (checkpoint-<epoch>.pt)")
         try:
             self.net.load_state_dict(checkpoint["model_state"])
             self.swa_model.load_state_dict(checkpoint["swa_state"])
@@ -525,11 +516,36 @@ class Training:
             writer.close()
 
     def save(self):
-        """Checkpoint (written by rank 0; every rank must call it); returns its path."""
+        """Checkpoint (written by rank 0; every rank must call it); returns its
+        path. With --keep_checkpoints, older epoch checkpoints are deleted."""
         state = self.state_dict()
-        if self.world.main:
-            return utils.save_checkpoint(self.run_dir, state)
-        return os.path.join(self.run_dir, utils.checkpoint_name(state["epoch"], state["step"]))
+
+        def write():
+            try:
+                path = checkpoints.save_checkpoint(self.run_dir, state)
+            except utils.WriteFailed as failed:
+                raise self.write_failed(failed) from None
+            if self.args.keep_checkpoints and state["step"] == 0:
+                checkpoints.prune_epoch_checkpoints(self.run_dir, self.args.keep_checkpoints, self.args.swa_start)
+            return path
+
+        return on_rank_zero(self.world, write)
+
+    def write_results(self, status, **extra):
+        """results.json (rank 0 writes it); a failed write ends the run."""
+        try:
+            utils.write_json_atomic(os.path.join(self.run_dir, "results.json"), {**self.results(status), **extra})
+        except utils.WriteFailed as failed:
+            raise self.write_failed(failed) from None
+
+    def write_failed(self, failed):
+        """The run's error for a failed write, recorded in results.json if that still fits."""
+        try:
+            utils.write_json_atomic(os.path.join(self.run_dir, "results.json"),
+                                    {**self.results("failed"), "failure": str(failed)})
+        except utils.WriteFailed:
+            pass
+        return UserError(checkpoints.failed_write_message(self.run_dir, failed))
 
     def stop_requested(self, stop):
         """Whether any rank was asked to stop (all ranks then stop at the same step)."""
@@ -672,18 +688,15 @@ def train(training, stop):
     """Run epochs until the end; returns the checkpoint saved when `stop`
     was requested first, else None."""
     args, run_dir = training.args, training.run_dir
-    results_path = os.path.join(run_dir, "results.json")
     while training.epoch < args.epochs:
         epoch_start = time.perf_counter()
         try:
             finished_epoch = training.train_steps(stop)
         except utils.Diverged as diverged:
-            checkpoints = utils.list_checkpoints(run_dir)
-            last_good = checkpoints[-1][2] if checkpoints else "none"
+            saved = checkpoints.list_checkpoints(run_dir)
+            last_good = saved[-1][2] if saved else "none"
             if training.world.main:
-                utils.write_json_atomic(results_path, {
-                    **training.results("diverged"),
-                    "diverged_at": {"epoch": training.epoch + 1, "step": diverged.step}})
+                training.write_results("diverged", diverged_at={"epoch": training.epoch + 1, "step": diverged.step})
             raise UserError(f"the loss became {diverged.loss} at epoch {training.epoch + 1}, step "
                             f"{diverged.step}; stopped (newest checkpoint, written while the loss was still "
                             f"finite: {last_good}); start afresh with a lower --lr_init or --swa_lr, or longer "
@@ -698,9 +711,8 @@ def train(training, stop):
         path = None
         if completed % args.save_freq == 0 or completed in (args.swa_start, args.epochs) or stopping:
             path = training.save()
-        if training.world.main:
-            status = "finished" if completed == args.epochs else "running"
-            utils.write_json_atomic(results_path, training.results(status))
+        status = "finished" if completed == args.epochs else "running"
+        on_rank_zero(training.world, lambda: training.write_results(status))
         if stopping and completed < args.epochs:
             return path
     return None
@@ -722,13 +734,18 @@ def on_rank_zero(world, action):
 
 
 def setup_run_dir(args, world):
-    """The run directory, the checkpoint to resume from, and the outputs to
-    replace, decided by rank 0 (which alone touches the directory)."""
-    def setup():
-        run_dir, stale = prepare_run_dir(args)
-        return run_dir, resolve_resume(args, run_dir) if args.resume else None, stale
+    """The run directory, owned (locked) by rank 0, which alone touches it
+    (None on other ranks); its path, the checkpoint to resume from, and the
+    outputs to replace, decided by rank 0."""
+    owned = []
 
-    return on_rank_zero(world, setup)
+    def setup():
+        owned.append(run_directory.claim(
+            args, f"{args.dataset}-{args.model}-{precision_tag(args)}-seed{args.seed}"))
+        return owned[0].path, owned[0].resume, owned[0].stale
+
+    run_dir, resume_path, stale_outputs = on_rank_zero(world, setup)
+    return (owned[0] if owned else None), run_dir, resume_path, stale_outputs
 
 
 def load_data(args, world):
@@ -751,7 +768,17 @@ def run(args, world):
         raise UserError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}; "
                         f"lower it or train longer")
     device = resolve_device(args.device)
-    run_dir, resume_path, stale_outputs = setup_run_dir(args, world)
+    directory, run_dir, resume_path, stale_outputs = setup_run_dir(args, world)
+    with directory or contextlib.nullcontext():  # releases the lock; a failed start leaves no empty folder
+        training = start(args, world, device, run_dir, resume_path, stale_outputs)
+        if directory:
+            directory.training_started = True
+        train_to_the_end(training, world, resume_path is not None)
+
+
+def start(args, world, device, run_dir, resume_path, stale_outputs):
+    """The run, built and resumed, with every check that can fail before
+    training passed; only then are the outputs --overwrite replaces deleted."""
     seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -762,12 +789,19 @@ def run(args, world):
         # draws its own dropout masks and activation rounding noise.
         seed_everything(mix_seed(args.seed, world.rank) % 2 ** 32)
     if resume_path:
-        training.load_state_dict(utils.load_checkpoint(resume_path), resume_path)
+        training.load_state_dict(checkpoints.load_checkpoint(resume_path), resume_path)
         print(f"Resumed from {resume_path} after epoch {training.epoch}, step {training.epoch_totals['steps']}")
     if world.main:  # --overwrite: only now that the new run could start
         for path in stale_outputs:
             os.remove(path)
-    training.open_logs(resumed=resume_path is not None)
+    return training
+
+
+def train_to_the_end(training, world, resumed):
+    """Train, then print the closing figures, or exit with the resume command
+    when a signal stopped the run."""
+    args = training.args
+    training.open_logs(resumed=resumed)
     try:
         with StopRequest() as stop:
             saved = train(training, stop)
@@ -798,6 +832,10 @@ def main(argv=None):
         if world.main:  # every rank raises it; one line is enough
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # once training runs, Ctrl-C saves and stops instead (StopRequest)
+        if world.main:
+            print("error: interrupted by Ctrl-C before training started", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         distributed.shutdown(world)
 

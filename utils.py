@@ -1,13 +1,11 @@
 """Data, the train/eval loops, the per-epoch table, TensorBoard scalars,
-checkpoints, results.json and random-generator state."""
+results.json and random-generator state."""
 
 import itertools
 import json
 import math
 import os
-import pickle
 import random
-import re
 import signal
 import sys
 import time
@@ -21,6 +19,7 @@ import torchvision.transforms as transforms
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+import data_checks
 from distributed import ShardSampler, World, sum_across
 from seeding import mix_seed
 
@@ -70,20 +69,28 @@ def load_imagenet(data_path):
     try:
         train_set = datasets.ImageFolder(folders["train"], transform=train_transform)
         val_set = datasets.ImageFolder(folders["val"], transform=val_transform)
+    except PermissionError as error:
+        raise UserError(permission_denied(error, "ImageNet")) from None
     except (FileNotFoundError, OSError) as error:
         raise UserError(f"ImageNet needs class folders of images under {folders['train']} and "
                         f"{folders['val']} ({first_line(error)})") from None
-    if train_set.classes != val_set.classes:
-        raise UserError(f"the class folders of {folders['train']} and {folders['val']} differ; "
-                        f"both need one folder per class, with the same names")
+    problem = data_checks.image_folder_problem(train_set, val_set, folders)
+    if problem:
+        raise UserError(problem)
     return train_set, val_set
+
+
+def permission_denied(error, dataset):
+    return (f"permission denied reading {error.filename or 'the data'}; make the {dataset} files readable "
+            f"by this user or pass another --data_path")
 
 
 def load_cifar(dataset, data_path):
     """Train (augmented) and test sets of CIFAR10/100 under data_path/<dataset lower>,
-    downloaded there when absent."""
+    downloaded there when absent, checked (labels, image shapes, classes)."""
     dataset_class = getattr(datasets, dataset)
     root = os.path.join(data_path, dataset.lower())
+    folder = os.path.join(root, dataset_class.base_folder)
     normalize = transforms.Normalize(CIFAR_MEAN, CIFAR_STD)
     train_transform = transforms.Compose([
         transforms.RandomCrop(32, padding=4),
@@ -93,10 +100,16 @@ def load_cifar(dataset, data_path):
     ])
     test_transform = transforms.Compose([transforms.ToTensor(), normalize])
     try:
+        # torchvision takes a folder this user cannot enter for a missing one.
+        for path in (data_path, root, folder):
+            if os.path.exists(path):
+                os.listdir(path)
         # download=True verifies the md5 sums of every file first and only
         # fetches the archive when one is missing or corrupt.
         train_set = dataset_class(root, train=True, transform=train_transform, download=True)
         test_set = dataset_class(root, train=False, transform=test_transform)
+    except PermissionError as error:
+        raise UserError(permission_denied(error, dataset)) from None
     except OSError as error:
         raise UserError(
             f"{dataset} files in {root} are missing or corrupt and could not be downloaded "
@@ -104,10 +117,15 @@ def load_cifar(dataset, data_path):
             f"version of {dataset} in {root}"
         ) from None
     except Exception as error:
-        raise UserError(
-            f"{dataset} files in {root} cannot be read ({error}); "
-            f"remove {os.path.join(root, dataset_class.base_folder)} to download them again"
-        ) from None
+        files = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
+        problem = data_checks.cifar_file_problem(folder, files, data_checks.CIFAR_CLASSES[dataset])
+        if problem:
+            raise UserError(data_checks.with_remedy(problem, folder)) from None
+        raise UserError(f"{dataset} files in {root} cannot be read ({error}); "
+                        f"remove {folder} to download them again") from None
+    problem = data_checks.cifar_problem(dataset, train_set, test_set)
+    if problem:
+        raise UserError(problem)
     return train_set, test_set
 
 
@@ -296,18 +314,41 @@ def log_scalars(writer, record):
     writer.flush()
 
 
+class WriteFailed(Exception):
+    """Writing an output failed (disk full, I/O error, its directory gone);
+    its partial file was removed."""
+
+    def __init__(self, path, error, size):
+        super().__init__(f"cannot write {path} ({error.strerror or first_line(error)})")
+        self.path, self.reason, self.size = path, error.strerror or first_line(error), size
+
+
+def remove_quietly(path):
+    """Remove a partial file where it can be; its directory may be gone."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def write_json_atomic(path, payload):
     """Write JSON next to `path` and rename it over, so a crash never leaves a
-    truncated file."""
+    truncated file; a failed write removes its partial file and raises
+    WriteFailed."""
     temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    text = json.dumps(payload, indent=2)
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        remove_quietly(temporary)
+        raise WriteFailed(path, error, len(text)) from None
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- random generators
 
 def rng_state():
     """Every random generator the run draws from, as tensors and plain values
@@ -331,60 +372,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"][0])
-
-
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pt")
-
-
-def checkpoint_name(epoch, step=0):
-    """checkpoint-<epoch>.pt after `epoch` complete epochs (the references'
-    name), checkpoint-<epoch>-step<k>.pt after k more steps."""
-    return f"checkpoint-{epoch}.pt" if step == 0 else f"checkpoint-{epoch}-step{step}.pt"
-
-
-def list_checkpoints(directory):
-    """(epoch, step, path) of every checkpoint in `directory`, oldest first."""
-    found = []
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        match = CHECKPOINT_NAME.fullmatch(name)
-        if match:
-            found.append((int(match[1]), int(match[2] or 0), os.path.join(directory, name)))
-    return sorted(found)
-
-
-def save_checkpoint(directory, state):
-    """Save `state` (with its "epoch" and "step") atomically (a synced
-    temporary file, then a rename), then delete the mid-epoch checkpoints it
-    supersedes."""
-    epoch, step = state["epoch"], state["step"]
-    path = os.path.join(directory, checkpoint_name(epoch, step))
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    for old_epoch, old_step, old_path in list_checkpoints(directory):
-        if old_step and (old_epoch, old_step) < (epoch, step):
-            os.remove(old_path)
-    return path
-
-
-def load_checkpoint(path):
-    """A checkpoint's dict, loaded with weights_only=True."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; pass a checkpoint-<epoch>.pt file or auto to --resume")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
-            raise UserError(f"checkpoint {path} holds pickled objects other than tensors and plain values; "
-                            f"refusing to load it (it was not written by this train.py)") from None
-        raise UserError(f"checkpoint {path} is corrupt ({first_line(error)}); "
-                        f"resume from another checkpoint") from None
-    except Exception as error:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(error)}); "
-                        f"resume from another checkpoint") from None
 
 
 def first_line(error):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 from runs import LOW_PRECISION_RUN, SMALL, assert_same_run, start_train, table_rows, wait_for
 
 FP_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 2, "--swa_start", 1, *SMALL]
@@ -21,6 +22,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(
     wait_for(run_dir / "checkpoint-1-step2.pt", process)
     process.kill()
     process.wait()
+    assert (run_dir / ".train.lock").exists()  # left behind, but its lock died with the process
     newest = max(run_dir.glob("checkpoint-*.pt"), key=os.path.getmtime)
     torch.load(newest, weights_only=True)  # a kill, even during a save, leaves the newest checkpoint whole
 
@@ -237,7 +239,7 @@ def test_a_mid_epoch_checkpoint_needs_the_same_process_count(run_train, fp_check
     checkpoint.update(step=1, world_size=2)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    torch.save(checkpoint, run_dir / "checkpoint-1-step1.pt")
+    torch.save(checkpoints.seal(checkpoint), run_dir / "checkpoint-1-step1.pt")
     result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", "auto")
     one_line_error(result, "is mid-epoch and was written by 2 process(es), this run has 1")
 

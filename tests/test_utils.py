@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import utils
 
 
@@ -78,7 +79,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     state = utils.rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    path = utils.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "rng": state})
+    path = checkpoints.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "rng": state})
     utils.set_rng_state(torch.load(path, weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
@@ -105,22 +106,23 @@ def test_augmentation_does_not_depend_on_workers_or_on_where_an_epoch_starts(cif
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = utils.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.ones(3)})
+    path = checkpoints.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.ones(3)})
 
     def crash(obj, handle):
         handle.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        utils.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.zeros(3)})
+    with pytest.raises(utils.WriteFailed, match="disk full"):
+        checkpoints.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.zeros(3)})
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.pt"]  # no partial file
 
 
 def test_mid_epoch_checkpoints_supersede_each_other(tmp_path):
     for epoch, step in ((1, 0), (1, 1), (1, 2), (2, 0), (2, 1)):
-        utils.save_checkpoint(str(tmp_path), {"epoch": epoch, "step": step})
-    assert [(e, s) for e, s, _ in utils.list_checkpoints(str(tmp_path))] == [(1, 0), (2, 0), (2, 1)]
+        checkpoints.save_checkpoint(str(tmp_path), {"epoch": epoch, "step": step})
+    assert [(e, s) for e, s, _ in checkpoints.list_checkpoints(str(tmp_path))] == [(1, 0), (2, 0), (2, 1)]
 
 
 def test_unreadable_data_with_valid_checksums_is_a_user_error(cifar_in_process, tmp_path, monkeypatch):
