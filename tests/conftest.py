@@ -61,3 +61,22 @@ def low_precision_run(run_train, tmp_path_factory):
     return run_dir
 
 
+
+
+@pytest.fixture
+def train_in_process(cifar_in_process, capsys):
+    """Run `train.main(ARGS)` in this process (no interpreter start-up, no
+    import of torch): returns (exit code, stdout, stderr)."""
+    import train
+
+    def run(*args):
+        try:
+            train.main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    run.data_path = cifar_in_process
+    return run
