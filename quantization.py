@@ -3,7 +3,8 @@
 Number formats are small value objects (`BlockFormat`, `FixedFormat`,
 `FloatFormat`, qtorch's formats plus the original SWALP's small-block and
 block-dim layouts); a `Backend` holds the rounding kernels, ours
-(`torch_quant`, seedable, no compiler) or qtorch's; `TensorQuantizer` turns a
+(`torch_quant`, seedable, no compiler; `triton_quant`, fused and
+counter-based) or qtorch's; `TensorQuantizer` turns a
 format, a rounding mode and a backend into a tensor -> tensor function;
 `Quantizer` is the autograd module (forward format for activations, backward
 format for errors) that `insert_quantizers` hangs after the layers a model
@@ -17,14 +18,14 @@ of full precision, so the module here is our own.
 """
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
 from qtorch.optim import OptimLP
 
 import torch_quant
-from seeding import mix_seed
+from seeding import NoiseKey, mix_seed
 
 ROUNDINGS = ("stochastic", "nearest")
 # Tensors with at most this many dimensions share one exponent ("small block").
@@ -36,7 +37,8 @@ BLOCK_DIMS = ("B", "BC")
 MIN_WL, MAX_WL = 2, 22
 NUMBER_KINDS = ("weight", "activate", "grad", "error", "momentum", "acc")
 KIND_TAGS = {"weight": "W", "activate": "A", "grad": "G", "error": "E", "momentum": "M", "acc": "Acc"}
-BACKENDS = ("auto", "torch", "qtorch")
+BACKENDS = ("auto", "torch", "triton", "qtorch")
+FORMAT_KINDS = frozenset({"block", "fixed", "float"})
 
 
 def precision_tag(word_lengths):
@@ -46,14 +48,20 @@ def precision_tag(word_lengths):
 
 
 class Backend(NamedTuple):
-    """Rounding kernels with torch_quant's signatures; `seedable` says whether
-    their stochastic rounding follows torch's generators."""
+    """Rounding kernels with torch_quant's signatures. `seedable`: their
+    stochastic rounding is repeatable; `counter_based`: their noise argument
+    is a NoiseKey rather than a torch generator; `formats`: the format kinds
+    they round; `round_many`, where present, rounds a list of tensors in
+    place with a handful of launches (see triton_quant.round_many)."""
 
     name: str
     block: Callable
     fixed: Callable
     float: Callable
     seedable: bool
+    counter_based: bool = False
+    formats: frozenset = FORMAT_KINDS
+    round_many: Callable = None
 
 
 TORCH_BACKEND = Backend("torch", torch_quant.block_quantize, torch_quant.fixed_point_quantize,
@@ -61,7 +69,11 @@ TORCH_BACKEND = Backend("torch", torch_quant.block_quantize, torch_quant.fixed_p
 
 
 class BackendUnavailable(RuntimeError):
-    """qtorch's kernels could not be compiled or loaded."""
+    """A backend's kernels could not be compiled or loaded; the message says why."""
+
+
+class UnsupportedFormat(ValueError):
+    """A backend cannot round a number format."""
 
 
 def load_qtorch_backend():
@@ -89,22 +101,49 @@ def load_qtorch_backend():
     return Backend("qtorch", block, fixed, floating, seedable=False)
 
 
+def load_triton_backend(device):
+    """Our Triton kernels (triton_quant), imported only when chosen and
+    compiled here for `device` once, so that a backend that cannot run fails
+    now with one line rather than in the middle of a step."""
+    try:
+        import triton_quant
+    except Exception as error:  # triton missing, or broken beyond import
+        raise BackendUnavailable(f"Triton cannot be imported ({_first_line(error)})") from None
+    reason = triton_quant.available(device)
+    if reason:
+        raise BackendUnavailable(reason)
+    try:
+        triton_quant.compile_for(device)
+    except Exception as error:  # a compiler or driver failure can raise anything
+        raise BackendUnavailable(f"Triton's kernels failed to compile ({_first_line(error)})") from None
+    return Backend("triton", triton_quant.block_quantize, triton_quant.fixed_point_quantize,
+                   triton_quant.float_quantize, seedable=True, counter_based=True,
+                   round_many=triton_quant.round_many)
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def select_backend(name, device):
     """The backend for `--quant-backend name` on `device`, and a note to print
-    (or None). auto: qtorch's CUDA kernels on a CUDA device when they build,
-    ours otherwise."""
+    (or None). auto: our Triton kernels on a CUDA device when they compile,
+    the torch backend otherwise."""
     if name == "torch":
         return TORCH_BACKEND, None
     if name == "qtorch":
         return load_qtorch_backend(), None
+    if name == "triton":
+        return load_triton_backend(device), None
     if name != "auto":
         raise ValueError(f"unknown backend {name!r}")
     if device.type != "cuda":
         return TORCH_BACKEND, None
     try:
-        return load_qtorch_backend(), None
+        return load_triton_backend(device), None
     except BackendUnavailable as error:
-        return TORCH_BACKEND, f"qtorch's CUDA kernels did not build ({error}); using the torch backend"
+        return TORCH_BACKEND, f"the triton backend is unavailable ({error}); using the torch backend"
 
 
 @dataclass(frozen=True)
@@ -119,6 +158,7 @@ class BlockFormat:
     `block_dim` BC blocks along the first two dimensions.
     """
 
+    kind: ClassVar[str] = "block"
     wl: int
     dim: int = 0
     small_block: str = "None"
@@ -138,19 +178,30 @@ class BlockFormat:
         return (f"BlockFloatingPoint(wl={self.wl}, dim={self.dim}, small_block={self.small_block}, "
                 f"block_dim={self.block_dim})")
 
+    def blocking(self, shape):
+        """The shape a tensor of `shape` is rounded as, and the dim its blocks
+        run along there."""
+        if len(shape) <= SMALL_BLOCK_MAX_DIMS[self.small_block]:
+            return tuple(shape), -1
+        if self.block_dim == "BC" and len(shape) >= 2:
+            rest = 1
+            for size in shape[2:]:
+                rest *= size
+            return (shape[0] * shape[1], rest), 0
+        return tuple(shape), self.dim
+
     def quantize(self, x, rounding, backend, generator=None, inplace=False):
-        if x.dim() <= SMALL_BLOCK_MAX_DIMS[self.small_block]:
-            return backend.block(x, self.wl, -1, rounding, generator, inplace=inplace)
-        if self.block_dim == "BC" and x.dim() >= 2:
-            rows = x.reshape(x.shape[0] * x.shape[1], -1)
-            return backend.block(rows, self.wl, 0, rounding, generator, inplace=inplace).view_as(x)
-        return backend.block(x, self.wl, self.dim, rounding, generator, inplace=inplace)
+        shape, dim = self.blocking(x.shape)
+        if shape == x.shape:
+            return backend.block(x, self.wl, dim, rounding, generator, inplace=inplace)
+        return backend.block(x.reshape(shape), self.wl, dim, rounding, generator, inplace=inplace).view_as(x)
 
 
 @dataclass(frozen=True)
 class FixedFormat:
     """Fixed point (qtorch's `FixedPoint`): `wl` bits, `fl` of them fractional."""
 
+    kind: ClassVar[str] = "fixed"
     wl: int
     fl: int
     clamp: bool = True
@@ -169,6 +220,7 @@ class FloatFormat:
     """Floating point (qtorch's `FloatingPoint`): `exp` exponent bits, `man`
     mantissa bits without the hidden one."""
 
+    kind: ClassVar[str] = "float"
     exp: int
     man: int
 
@@ -180,27 +232,54 @@ class FloatFormat:
         return backend.float(x, self.exp, self.man, rounding, generator)
 
 
-class StepNoise:
-    """Generators for the optimizer's stochastic rounding, reseeded from
-    (seed, step) at every optimizer step.
+# Noise streams of a counter-based backend: the optimizer's (shared by all
+# data-parallel ranks), and per rank the forward pass of a training step,
+# its backward pass, and forward passes without gradients (evaluation,
+# BatchNorm statistics), of which a step may hold many.
+OPTIMIZER_STREAM, FORWARD_STREAM, BACKWARD_STREAM, NO_GRAD_STREAM = range(4)
+SITE_BITS = 12  # identity = site + (no-grad call within the step << SITE_BITS)
 
-    Every process that starts from the same seed and step draws the same
-    noise in the same order, so data-parallel replicas round their weights,
-    gradients, momenta and accumulators identically without communicating.
+
+class StepNoise:
+    """The noise of stochastic rounding as a function of (seed, step).
+
+    For the torch backend: generators for the optimizer's rounding, reseeded
+    from (seed, step) at every optimizer step. For a counter-based backend:
+    NoiseKeys (seed, identity, step, stream and rank) for every rounding,
+    activations and errors included. Every process that starts from the same
+    seed and step draws the same noise, so data-parallel replicas round their
+    weights, gradients, momenta and accumulators identically without
+    communicating, and a resumed run needs only the step.
     """
 
-    def __init__(self, seed, step=0):
+    def __init__(self, seed, step=0, rank=0):
         self.seed = seed
         self.step = step
+        self.rank = rank
         self._generators = {}
+        self._no_grad_calls = {}
 
     def _reseed(self, generator):
         generator.manual_seed(mix_seed(self.seed, self.step))
 
     def seek(self, step):
         self.step = step
+        self._no_grad_calls.clear()
         for generator in self._generators.values():
             self._reseed(generator)
+
+    def key(self, identity, stream):
+        """The NoiseKey of one rounding. The optimizer's stream is the same on
+        every rank; the others add the rank. Forward passes without gradients
+        are counted per site since the last step, so each draws anew; the
+        count restarts at every step, so a run resumed at a step boundary
+        continues it exactly."""
+        if stream == NO_GRAD_STREAM:
+            call = self._no_grad_calls.get(identity, 0)
+            self._no_grad_calls[identity] = call + 1
+            identity += call << SITE_BITS
+        rank = 0 if stream == OPTIMIZER_STREAM else self.rank
+        return NoiseKey(self.seed, identity, self.step, stream + (rank << 2))
 
     def advance(self):
         self.seek(self.step + 1)
@@ -215,21 +294,41 @@ class StepNoise:
 class TensorQuantizer:
     """A tensor -> tensor rounding function for one format, rounding mode and
     backend. With `noise`, stochastic rounding draws from its per-step
-    generators; otherwise from torch's default generator of the device."""
+    generators (or, on a counter-based backend, its keys); otherwise from
+    torch's default generator of the device."""
 
     def __init__(self, number_format, rounding, backend=TORCH_BACKEND, noise=None):
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if number_format.kind not in backend.formats:
+            raise UnsupportedFormat(f"the {backend.name} backend cannot round {number_format}; "
+                                    f"use a backend that can, e.g. --quant-backend torch")
+        if backend.counter_based and rounding == "stochastic" and noise is None:
+            raise ValueError(f"stochastic rounding on the {backend.name} backend needs a StepNoise")
         self.number_format = number_format
         self.rounding = rounding
         self.backend = backend
         self.noise = noise
 
-    def __call__(self, x, inplace=False):
+    def _noise(self, device, identity, stream):
+        if self.noise is None or self.rounding == "nearest":
+            return None
+        if self.backend.counter_based:
+            return self.noise.key(identity, stream)
+        return self.noise.generator(device)
+
+    def __call__(self, x, inplace=False, identity=0, stream=OPTIMIZER_STREAM):
         """The rounded tensor; with `inplace` x itself where the kernel can
-        write into it (check `result is x`)."""
-        generator = None if self.noise is None else self.noise.generator(x.device)
-        return self.number_format.quantize(x, self.rounding, self.backend, generator, inplace=inplace)
+        write into it (check `result is x`). A counter-based backend draws
+        the noise of (`identity`, `stream`) at the current step."""
+        noise = self._noise(x.device, identity, stream)
+        return self.number_format.quantize(x, self.rounding, self.backend, noise, inplace=inplace)
+
+    def round_many(self, tensors, identity, out=None):
+        """Round every tensor of the list into itself (or into `out`) with the
+        backend's batched kernels; needs `backend.round_many`."""
+        noise = self._noise(tensors[0].device, identity, OPTIMIZER_STREAM) if tensors else None
+        self.backend.round_many(tensors, self.number_format, self.rounding, noise, out)
 
     def __repr__(self):
         return f"{self.number_format}, {self.rounding}, {self.backend.name} backend"
@@ -237,13 +336,14 @@ class TensorQuantizer:
 
 class _Round(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, forward_quant, backward_quant, inplace):
+    def forward(ctx, x, forward_quant, backward_quant, inplace, site, stream):
         ctx.backward_quant = backward_quant
+        ctx.site = site
         if forward_quant is None:
             # A new tensor: an in-place ReLU after an error-only quantizer must
             # not modify a view of the custom Function's input.
             return x.clone()
-        out = forward_quant(x, inplace=inplace)
+        out = forward_quant(x, inplace=inplace, identity=site, stream=stream)
         if out is x:
             ctx.mark_dirty(x)
         return out
@@ -251,28 +351,37 @@ class _Round(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.backward_quant is None:
-            return grad_output, None, None, None
-        return ctx.backward_quant(grad_output), None, None, None
+            return grad_output, None, None, None, None, None
+        return (ctx.backward_quant(grad_output, identity=ctx.site, stream=BACKWARD_STREAM),
+                None, None, None, None, None)
 
 
 class Quantizer(nn.Module):
     """Rounds activations in the forward pass and errors in the backward pass.
 
     Either side may be None (identity). It holds no tensors, so wrapping a
-    network leaves its state_dict unchanged.
+    network leaves its state_dict unchanged. `site` numbers it within the
+    network: a counter-based backend draws each site's noise apart.
     """
 
-    def __init__(self, forward_quant=None, backward_quant=None, inplace=False):
+    def __init__(self, forward_quant=None, backward_quant=None, inplace=False, site=0):
         super().__init__()
+        if not 0 <= site < 1 << SITE_BITS:
+            raise ValueError(f"site must be in [0, {1 << SITE_BITS}), got {site}")
         self.forward_quant = forward_quant
         self.backward_quant = backward_quant
         self.inplace = inplace
+        self.site = site
 
     def forward(self, x):
-        return _Round.apply(x, self.forward_quant, self.backward_quant, self.inplace)
+        # Inside _Round.forward autograd is off: decide here whether this
+        # pass trains (one per step) or only evaluates (any number).
+        stream = FORWARD_STREAM if torch.is_grad_enabled() else NO_GRAD_STREAM
+        return _Round.apply(x, self.forward_quant, self.backward_quant, self.inplace, self.site, stream)
 
     def extra_repr(self):
-        return f"forward={self.forward_quant}, backward={self.backward_quant}, inplace={self.inplace}"
+        return (f"forward={self.forward_quant}, backward={self.backward_quant}, inplace={self.inplace}, "
+                f"site={self.site}")
 
 
 def _quantize_output(module, inputs, output):
@@ -291,11 +400,11 @@ def insert_quantizers(net, activation_quant, error_quant, placement):
     if activation_quant is None and error_quant is None:
         return 0
     sites = net.quantizer_sites(placement)
-    for site in sites:
+    for index, site in enumerate(sites):
         # Convolutions and linear layers keep their input, not their output,
         # for backward: rounding their output in place saves a copy.
         inplace = isinstance(site, (nn.Conv2d, nn.Linear))
-        site.add_module("quantizer", Quantizer(activation_quant, error_quant, inplace))
+        site.add_module("quantizer", Quantizer(activation_quant, error_quant, inplace, index))
         site.register_forward_hook(_quantize_output)
     return len(sites)
 
@@ -309,8 +418,8 @@ def build_quantizers(word_lengths, rounding, small_block="None", block_dim="B",
 
     `word_lengths` maps each of NUMBER_KINDS to an int. The optimizer's kinds
     run on `optimizer_backend` (default: `backend`) and draw their noise from
-    `noise` (a StepNoise), activations and errors from torch's default
-    generators.
+    `noise` (a StepNoise); activations and errors too on a counter-based
+    backend, from torch's default generators otherwise.
     """
     quantizers = dict.fromkeys(NUMBER_KINDS)
     for kind in NUMBER_KINDS:
@@ -319,7 +428,8 @@ def build_quantizers(word_lengths, rounding, small_block="None", block_dim="B",
             if kind in OPTIMIZER_KINDS:
                 quantizers[kind] = TensorQuantizer(number_format, rounding, optimizer_backend or backend, noise)
             else:
-                quantizers[kind] = TensorQuantizer(number_format, rounding, backend)
+                quantizers[kind] = TensorQuantizer(number_format, rounding, backend,
+                                                   noise if backend.counter_based else None)
     return quantizers
 
 
@@ -327,16 +437,47 @@ class SeededOptimLP(OptimLP):
     """qtorch's OptimLP whose quantizers' noise is reseeded at every step.
 
     OptimLP rounds each gradient before SGD's step, then the accumulator (if
-    any), the weights and the momentum buffers after it.
+    any), the weights and the momentum buffers after it, one tensor at a
+    time. On a backend with batched kernels the same steps round all tensors
+    of a kind together: a few launches per kind instead of a few per tensor.
     """
 
     def __init__(self, optim, noise, **quantizers):
         super().__init__(optim, **quantizers)
         self.noise = noise
+        self.batched = any(quant is not None and quant.backend.round_many is not None
+                           for quant in (self.weight_quant, self.grad_quant, self.momentum_quant, self.acc_quant))
 
     def step(self, closure=None):
-        loss = super().step(closure)
+        loss = self._batched_step() if self.batched else super().step(closure)
         self.noise.advance()
+        return loss
+
+    def _batched_step(self):
+        """OptimLP.step's roundings, in its order, each kind in one batch
+        (the identities keep the kinds' noise apart)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if self.grad_quant is not None:
+            self.grad_quant.round_many([p.grad for p in params if p.grad is not None], identity=1)
+        if self.acc_quant is not None:
+            for p in params:
+                p.data = self.weight_acc[p].data
+        loss = self.optim.step()
+        if self.acc_quant is not None:
+            self.acc_quant.round_many([self.weight_acc[p] for p in params], identity=3)  # p.data is one of them
+        if self.weight_quant is not None:
+            if self.acc_quant is None:
+                self.weight_quant.round_many([p.data for p in params], identity=0)
+            else:  # the weights are a rounded copy of the accumulators, which stay
+                rounded = [torch.empty_like(p) for p in params]
+                self.weight_quant.round_many([self.weight_acc[p] for p in params], identity=0, out=rounded)
+                for p, weight in zip(params, rounded):
+                    p.data = weight
+        if self.momentum_quant is not None:
+            buffers = [self.optim.state[p][key] for group in self.param_groups
+                       if not (isinstance(self.optim, torch.optim.SGD) and group["momentum"] == 0)
+                       for p in group["params"] if p.grad is not None for key in self.momentum_keys]
+            self.momentum_quant.round_many(buffers, identity=2)
         return loss
 
 
