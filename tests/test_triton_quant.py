@@ -134,3 +134,34 @@ def test_triton_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
     with pytest.raises(UserError, match="^--quant-backend triton: Triton's kernels run on CUDA devices") as error:
         train.build_quantizers(args, torch.device("cpu"), quantization.StepNoise(0))
     assert "\n" not in str(error.value) and str(error.value).endswith("use --quant-backend torch")
+
+
+def test_deterministic_flag_asks_for_deterministic_kernels(cifar_in_process, tmp_path, monkeypatch):
+    import seeding
+
+    class Reached(Exception):
+        pass
+
+    def record():
+        raise Reached
+
+    monkeypatch.setattr(seeding, "use_deterministic_algorithms", record)
+    with pytest.raises(Reached):
+        train.main(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "1",
+                    "--swa_start", "1", "--num_workers", "0", "--dir", str(tmp_path / "run"), "--deterministic"])
+
+
+def test_deterministic_algorithms_settings(monkeypatch):
+    import seeding
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        seeding.use_deterministic_algorithms()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
