@@ -15,10 +15,10 @@ The noise is counter-based: each element's random bits are Philox-4x32-10
 
 so they depend on nothing but those numbers, never on a generator's state or
 on the order of calls. A `seeding.NoiseKey` carries the seed and the last
-three words. Philox is a
-bijection of the counter for a given key, so two roundings draw the same bits
-exactly when all four words agree; callers keep the (identity, step, domain)
-triples of different roundings distinct (see quantization.StepNoise).
+three words. Philox is a bijection of the counter for a given key, so two
+roundings draw the same bits exactly when all four words agree; callers keep
+the (identity, step, domain) triples of different roundings distinct (see
+quantization.StepNoise).
 
 Where no GPU is present, `TRITON_INTERPRET=1` (set before triton is
 imported) runs the same kernels on CPU tensors, slowly; tiles are then large
@@ -29,6 +29,7 @@ seeded, hence kernels of our own.
 """
 
 import os
+
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +40,6 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program. The interpreter pays per program, a GPU per idle lane.
 TILE = 1 << 16 if INTERPRETING else 1024
 MAX_ELEMENTS = 1 << 31  # element indices are int32 and the first Philox counter word
-EXPONENT_FIELD = torch_quant.EXPONENT_FIELD
 MANTISSA_BITS = torch_quant.MANTISSA_BITS
 # Contracting a multiply and an add into one fma would skip a rounding that
 # torch_quant performs; nearest rounding must stay bit-identical.
