@@ -107,16 +107,23 @@ class BlockFormat:
                   else f"dim={self.dim}, small_block={self.small_block}, block_dim={self.block_dim}")
         return f"BlockFloatingPoint(wl={self.wl}, {layout})"
 
+    def blocking(self, shape):
+        """The shape a tensor of `shape` is rounded as, and the dim its blocks
+        run along there (layouts without a block size)."""
+        if len(shape) <= SMALL_BLOCK_MAX_DIMS[self.small_block]:
+            return tuple(shape), -1
+        if self.block_dim == "BC" and len(shape) >= 2:
+            return (shape[0] * shape[1], math.prod(shape[2:])), 0
+        return tuple(shape), self.dim
+
     def quantize(self, x, rounding, backend, generator=None, inplace=False):
-        if x.dim() <= SMALL_BLOCK_MAX_DIMS[self.small_block]:
-            return backend.block(x, self.wl, -1, rounding, generator, inplace=inplace)
-        if self.block_size:
+        if self.block_size and x.dim() > SMALL_BLOCK_MAX_DIMS[self.small_block]:
             blocks, restore = row_blocks(x, self.block_size)
             return restore(backend.block(blocks.contiguous(), self.wl, 0, rounding, generator))
-        if self.block_dim == "BC" and x.dim() >= 2:
-            rows = x.reshape(x.shape[0] * x.shape[1], -1)
-            return backend.block(rows, self.wl, 0, rounding, generator, inplace=inplace).view_as(x)
-        return backend.block(x, self.wl, self.dim, rounding, generator, inplace=inplace)
+        shape, dim = self.blocking(x.shape)
+        if shape == tuple(x.shape):
+            return backend.block(x, self.wl, dim, rounding, generator, inplace=inplace)
+        return backend.block(x.reshape(shape), self.wl, dim, rounding, generator, inplace=inplace).view_as(x)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,30 @@
-"""Seeds derived from (run seed, epoch, step, index, ...).
+"""Repeatable randomness: seeds derived from (run seed, epoch, step, index, ...).
 
 Randomness that must not depend on execution order (the augmentation of one
 sample, the optimizer's rounding noise at one step) comes from a generator
-seeded with `mix_seed` of its coordinates.
+seeded with `mix_seed` of its coordinates, or from counter-based noise keyed
+by a `NoiseKey`. `use_deterministic_algorithms` removes the other source of
+run-to-run differences on a GPU: kernels whose results depend on scheduling.
 """
 
+import os
+from typing import NamedTuple
+
+import torch
+
 _MASK = (1 << 64) - 1
+
+
+class NoiseKey(NamedTuple):
+    """What selects the random bits of one counter-based rounding, besides
+    each element's index: the run's seed, what is rounded (`identity`), at
+    which optimizer step, and in which stream (`domain`: quantization's
+    stream number plus 4 times the data-parallel rank where it differs)."""
+
+    seed: int
+    identity: int
+    step: int
+    domain: int
 
 
 def mix_seed(*values):
@@ -19,3 +38,14 @@ def mix_seed(*values):
         state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK
         state ^= state >> 31
     return state >> 1
+
+
+def use_deterministic_algorithms():
+    """Deterministic kernels only (PyTorch's flag, cuDNN's, no cuDNN
+    autotuning, and the fixed cuBLAS workspace that deterministic cuBLAS
+    needs). An operation without a deterministic CUDA kernel warns instead of
+    stopping the run. The CPU kernels used here are deterministic already."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

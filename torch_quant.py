@@ -130,13 +130,22 @@ def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None, inplace
     rebased = x.add_(base) if inplace and x.is_contiguous() else (x + base).contiguous()
     _round_mantissa(_bits(rebased), wl, rounding, generator)
     largest = _float(max_exponent | _largest_mantissa(wl - 2))
-    if bool((((max_exponent == 0) & (peak != 0)) | (max_exponent >= OVERFLOWING_EXPONENT)).any()):
+    if not _decide_on_host(x.device) or bool((((max_exponent == 0) & (peak != 0))
+                                             | (max_exponent >= OVERFLOWING_EXPONENT)).any()):
         return rebased.copy_(_clip_exactly(rebased - base, max_exponent, largest))
     # qtorch clips whatever rounded past the block's exponent to the largest
     # magnitude with wl - 2 fraction bits. In a block with a normal exponent
     # nothing on the grid lies between that magnitude and 2^(e+1), so the clip
     # is a clamp around the base, done before removing it.
     return rebased.clamp_(base - largest, base + largest).sub_(base)
+
+
+def _decide_on_host(device):
+    """Whether to read back if some block needs the bit-level clip, and clamp
+    when none does. Reading a flag costs a CPU tensor nothing, but stalls a
+    GPU's launch queue until the kernels before it finish; there every block
+    takes the bit-level clip, which equals the clamp where a clamp would do."""
+    return device.type == "cpu"
 
 
 def _clip_exactly(quantized, max_exponent, largest):

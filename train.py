@@ -27,6 +27,7 @@ import formats
 import models
 import quantization
 import run_directory
+import seeding
 import swa
 import utils
 from seeding import mix_seed
@@ -111,6 +112,9 @@ def build_parser():
                           help="random seed, 0..2^32-1 (default: 1)")
     training.add_argument("--device", default="auto",
                           help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
+    training.add_argument("--deterministic", action="store_true",
+                          help="CUDA: deterministic algorithms only and no cuDNN autotuning, so that a run "
+                               "with the triton or torch backend repeats bit for bit (slower; see README)")
 
     averaging = parser.add_argument_group("stochastic weight averaging")
     averaging.add_argument("--swa_start", type=positive(int), default=None, metavar="N",
@@ -162,8 +166,10 @@ def build_parser():
                       help="B: one exponent per index of dim 0; BC: per index of dims 0 and 1 (default: B)")
     lowp.add_argument("--quant-backend", default="auto", choices=quantization.BACKENDS,
                       help="rounding kernels: torch (ours: PyTorch operations, seedable, no compiler), "
-                           "qtorch (qtorch's compiled C++/CUDA kernels, not seedable), auto (qtorch's "
-                           "CUDA kernels on a CUDA device when they build, else torch) (default: auto)")
+                           "triton (ours: fused Triton kernels with counter-based noise; CUDA, or the CPU "
+                           "with TRITON_INTERPRET=1), qtorch (qtorch's compiled C++/CUDA kernels, not "
+                           "seedable), auto (triton on a CUDA device when it compiles, else torch) "
+                           "(default: auto)")
     lowp.add_argument("--quant-placement", default="layer", choices=("layer", "relu"),
                       help="where activation/error quantizers go: layer: after every conv and linear "
                            "layer but the last (the seed); relu: after each ReLU, and before and after "
@@ -295,6 +301,8 @@ def build_quantizers(args, device, noise, world=distributed.World()):
     try:
         backend, note = quantization.select_backend(args.quant_backend, device)
     except quantization.BackendUnavailable as error:
+        if args.quant_backend != "qtorch":
+            raise UserError(f"--quant-backend {args.quant_backend}: {error}; use --quant-backend torch") from None
         raise UserError(f"--quant-backend qtorch: qtorch's kernels failed to build ({error}); install "
                         f"ninja and a C++ compiler (and nvcc for CUDA), or use --quant-backend torch") from None
     if note:
@@ -381,7 +389,7 @@ class Training:
         self.swa_model = AveragedModel(self.net)
         # The optimizer's rounding noise depends only on (seed, step): identical
         # across data-parallel replicas and restored exactly on resume.
-        noise = quantization.StepNoise(args.seed)
+        noise = quantization.StepNoise(args.seed, rank=world.rank)
         quantizers, self.backend = build_quantizers(args, device, noise, world)
         self.format_lines = [f"{kind:10}: {quantizers[kind] or 'full precision'}" for kind in quantization.NUMBER_KINDS]
         print("\n".join(self.format_lines))
@@ -780,7 +788,9 @@ def start(args, world, device, run_dir, resume_path, stale_outputs):
     """The run, built and resumed, with every check that can fail before
     training passed; only then are the outputs --overwrite replaces deleted."""
     seed_everything(args.seed)
-    if device.type == "cuda":
+    if args.deterministic:
+        seeding.use_deterministic_algorithms()
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     training = Training(args, device, run_dir, world)

@@ -19,15 +19,41 @@ def test_auto_uses_ours_on_cpu_without_loading_qtorch():
     assert backend is quantization.TORCH_BACKEND and note is None
 
 
-def test_auto_prefers_qtorch_on_cuda_when_it_builds():
+@pytest.fixture
+def broken_triton(monkeypatch):
+    """Triton cannot be imported, as on a machine without it."""
+    monkeypatch.setitem(sys.modules, "triton_quant", None)
+
+
+def test_auto_prefers_triton_on_cuda_when_it_compiles(monkeypatch):
+    import triton_quant
+
+    compiled = []
+    monkeypatch.setattr(triton_quant, "available", lambda device: None)
+    monkeypatch.setattr(triton_quant, "compile_for", compiled.append)
     backend, note = quantization.select_backend("auto", torch.device("cuda"))
-    assert backend.name == "qtorch" and not backend.seedable and note is None
+    assert backend.name == "triton" and backend.seedable and backend.counter_based and note is None
+    assert compiled == [torch.device("cuda")]  # compiled once, up front
 
 
-def test_auto_falls_back_with_one_line_when_qtorch_does_not_build(broken_qtorch):
+def test_auto_falls_back_with_one_line_when_triton_is_unavailable(broken_triton):
     backend, note = quantization.select_backend("auto", torch.device("cuda"))
     assert backend is quantization.TORCH_BACKEND
-    assert note.startswith("qtorch's CUDA kernels did not build") and "\n" not in note
+    assert note.startswith("the triton backend is unavailable (Triton cannot be imported") and "\n" not in note
+
+
+def test_auto_falls_back_when_triton_does_not_compile(monkeypatch):
+    import triton_quant
+
+    def fail(*args):
+        raise RuntimeError("ptxas failed\nmore lines")
+
+    monkeypatch.setattr(triton_quant, "available", lambda device: None)
+    monkeypatch.setattr(triton_quant, "compile_for", fail)
+    backend, note = quantization.select_backend("auto", torch.device("cuda"))
+    assert backend is quantization.TORCH_BACKEND
+    assert note == ("the triton backend is unavailable (Triton's kernels failed to compile (ptxas failed)); "
+                    "using the torch backend")
 
 
 def test_explicit_qtorch_that_does_not_build_is_a_clear_error(broken_qtorch):

@@ -122,6 +122,18 @@ def test_ordinary_blocks_take_the_fast_path(monkeypatch):
         tq.block_quantize(torch.tensor([[2.0 ** 126, 1.0]]), 8, 0, "nearest")
 
 
+@pytest.mark.parametrize("inputs", ["hard", "ordinary"])
+def test_block_rounding_without_reading_back_is_bit_identical(monkeypatch, inputs):
+    # What a GPU runs: every block takes the bit-level clip, and nothing is read back.
+    monkeypatch.setattr(tq, "_decide_on_host", lambda device: False)
+    x = hard_inputs() if inputs == "hard" else torch.randn(16, 50) * torch.logspace(-30, 30, 16).unsqueeze(1)
+    with torch.profiler.profile() as profile:
+        results = {(wl, dim): tq.block_quantize(x, wl, dim, "nearest") for wl in (2, 8, 22) for dim in (-1, 0, 1)}
+    assert not [event for event in profile.events() if event.name == "aten::_local_scalar_dense"]
+    for (wl, dim), result in results.items():
+        assert_bit_identical(result, qtorch_quant.block_quantize(x, wl, dim, "nearest"))
+
+
 def test_kernels_reject_what_float32_cannot_simulate():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError):

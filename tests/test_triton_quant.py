@@ -1,0 +1,170 @@
+"""The triton backend: its kernels and a training run under Triton's
+interpreter on the CPU (in processes of their own, see
+tests/triton_interpreted.py), and what needs no kernel at all."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import formats
+import quantization
+import triton_interpreted
+import train
+from cifar_fixture import write_fake_cifar
+from runs import EIGHT_BIT, ROOT, assert_same_run, table_rows
+from utils import UserError
+
+pytest.importorskip("triton")
+
+
+def interpreter_env(env):
+    return dict(env, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Every check of triton_interpreted.py, run once in one process."""
+    work = tmp_path_factory.mktemp("interpreted")
+    result = subprocess.run([sys.executable, triton_interpreted.__file__, str(work)], cwd=ROOT,
+                            env=interpreter_env(os.environ), capture_output=True, text=True, timeout=600)
+    outcomes = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            outcome = json.loads(line)
+            outcomes[outcome["check"]] = outcome
+    assert outcomes, result.stderr[-3000:]
+    return outcomes
+
+
+@pytest.mark.parametrize("check", sorted(triton_interpreted.CHECKS))
+def test_under_the_interpreter(interpreted, check):
+    assert check in interpreted, "the check did not run"
+    assert interpreted[check]["ok"], interpreted[check]["error"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """CIFAR100 with 2 training and 2 test images: one step of 2 per epoch,
+    which the interpreter runs in seconds."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_fake_cifar(str(root), train_size=2, test_size=2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "site"), os.environ.get("PYTHONPATH", "")]),
+               FAKE_CIFAR_MD5=str(root / "md5.json"), http_proxy="http://127.0.0.1:9",
+               https_proxy="http://127.0.0.1:9")
+    return root, interpreter_env(env)
+
+
+TRITON_RUN = ["--dataset", "CIFAR100", "--model", "PreResNet20", "--epochs", 2, "--swa_start", 1, "--save_freq", 1,
+              "--batch_size", 2, "--num_workers", 0, *EIGHT_BIT, "--wl-acc", 12, "--quant-backend", "triton"]
+
+
+def test_training_on_the_triton_backend_resumes_exactly(tiny_cifar, tmp_path):
+    root, env = tiny_cifar
+
+    def train_py(*args):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, TRITON_RUN),
+                                 "--data_path", root, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    first = train_py("--dir", tmp_path / "first")
+    assert "triton backend" in first.stdout and [int(row[0]) for row in table_rows(first.stdout)] == [1, 2]
+    # The second epoch (a step, BatchNorm passes, evaluations) again, from the first epoch's checkpoint
+    # written after that epoch's evaluation.
+    train_py("--dir", tmp_path / "resumed", "--resume", tmp_path / "first" / "checkpoint-1.pt")
+    assert_same_run(tmp_path / "first", tmp_path / "resumed", epochs=2)
+
+
+def test_step_noise_keys_share_the_optimizer_stream_across_ranks_only():
+    ranks = [quantization.StepNoise(9, step=4, rank=rank) for rank in (0, 1)]
+    optimizer_keys = {noise.key(2, quantization.OPTIMIZER_STREAM) for noise in ranks}
+    assert optimizer_keys == {(9, 2, 4, quantization.OPTIMIZER_STREAM)}
+    for stream in (quantization.FORWARD_STREAM, quantization.BACKWARD_STREAM):
+        assert ranks[0].key(2, stream) != ranks[1].key(2, stream)
+    assert len({ranks[0].key(2, stream) for stream in range(4)}) == 4
+    assert ranks[0].key(2, quantization.FORWARD_STREAM) != ranks[0].key(3, quantization.FORWARD_STREAM)
+
+
+def test_passes_without_gradients_draw_anew_until_the_next_step():
+    noise = quantization.StepNoise(9)
+    keys = [noise.key(5, quantization.NO_GRAD_STREAM) for _ in range(3)]
+    assert len(set(keys)) == 3 and {key.identity & 0xFFF for key in keys} == {5}
+    assert noise.key(5, quantization.FORWARD_STREAM) == noise.key(5, quantization.FORWARD_STREAM)
+    noise.advance()
+    assert noise.key(5, quantization.NO_GRAD_STREAM) == keys[0]._replace(step=1)
+    resumed = quantization.StepNoise(9)
+    resumed.seek(1)
+    assert resumed.key(5, quantization.NO_GRAD_STREAM) == keys[0]._replace(step=1)
+
+
+def test_a_training_pass_rounds_on_the_forward_stream_and_evaluation_on_its_own():
+    seen = []
+
+    class Recording(quantization.TensorQuantizer):
+        def __call__(self, x, inplace=False, identity=0, stream=quantization.OPTIMIZER_STREAM):
+            seen.append((identity, stream))
+            return x.clone()
+
+    recording = Recording(formats.BlockFormat(8), "nearest")
+    site = quantization.Quantizer(recording, recording, site=7)
+    x = torch.randn(2, 3, requires_grad=True)
+    site(x).sum().backward()
+    with torch.no_grad():
+        site(x)
+    assert seen == [(7, quantization.FORWARD_STREAM), (7, quantization.BACKWARD_STREAM),
+                    (7, quantization.NO_GRAD_STREAM)]
+
+
+def test_a_format_a_backend_lacks_is_refused_in_one_line():
+    block_only = quantization.TORCH_BACKEND._replace(name="blocky", fixed=None, block_sizes=False)
+    with pytest.raises(quantization.UnsupportedFormat, match="the blocky backend cannot round FixedFormat"):
+        quantization.TensorQuantizer(formats.FixedFormat(8, 4), "nearest", block_only)
+    with pytest.raises(quantization.UnsupportedFormat, match="the blocky backend cannot round BlockFloatingPoint"):
+        quantization.TensorQuantizer(formats.BlockFormat(8, block_size=32), "nearest", block_only)
+    quantization.TensorQuantizer(formats.BlockFormat(8), "nearest", block_only)
+
+
+def test_triton_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
+    import triton_quant
+
+    monkeypatch.setattr(triton_quant, "INTERPRETING", False)
+    args = train.parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8", "--quant-backend", "triton"])
+    with pytest.raises(UserError, match="^--quant-backend triton: Triton's kernels run on CUDA devices") as error:
+        train.build_quantizers(args, torch.device("cpu"), quantization.StepNoise(0))
+    assert "\n" not in str(error.value) and str(error.value).endswith("use --quant-backend torch")
+
+
+def test_deterministic_flag_asks_for_deterministic_kernels(cifar_in_process, tmp_path, monkeypatch):
+    import seeding
+
+    class Reached(Exception):
+        pass
+
+    def record():
+        raise Reached
+
+    monkeypatch.setattr(seeding, "use_deterministic_algorithms", record)
+    with pytest.raises(Reached):
+        train.main(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "1",
+                    "--swa_start", "1", "--num_workers", "0", "--dir", str(tmp_path / "run"), "--deterministic"])
+
+
+def test_deterministic_algorithms_settings(monkeypatch):
+    import seeding
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        seeding.use_deterministic_algorithms()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

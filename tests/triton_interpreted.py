@@ -1,0 +1,325 @@
+"""Checks of the triton backend on the CPU, under Triton's interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is first imported, which other
+test modules of a pytest process may already have done; so these checks run
+in a process of their own (tests/test_triton_quant.py starts it):
+
+    TRITON_INTERPRET=1 python tests/triton_interpreted.py WORK_DIR [CHECK ...]
+
+Each check prints one JSON line: its name, its duration, whether it passed
+and the error.
+The interpreter pays per launch and per numpy operation, so the checks round
+few, small tensors, and one large one where many draws are needed.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.nn as nn
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(TESTS), TESTS]
+
+import formats  # noqa: E402
+import quantization  # noqa: E402
+import torch_quant  # noqa: E402
+from grid import on_block_grid  # noqa: E402
+from seeding import NoiseKey  # noqa: E402
+
+CHECKS = {}
+
+
+def check(function):
+    CHECKS[function.__name__] = function
+    return function
+
+
+def bits(x):
+    return x.contiguous().view(torch.int32)
+
+
+def assert_bit_identical(actual, expected, what):
+    assert actual.shape == expected.shape, what
+    assert torch.equal(bits(actual), bits(expected)), what
+
+
+def hard_inputs():
+    """test_torch_quant's edge cases: blocks of every scale, zeros, all-zero
+    blocks, subnormals, values near 2^126, powers of two."""
+    from test_torch_quant import hard_inputs as edge_cases
+
+    return edge_cases()
+
+
+def special_values():
+    return torch.tensor([[1.0, float("inf"), 2.0], [1.0, float("nan"), 3.0], [2.0 ** 126, 1.0, -2.0],
+                         [1.0, -2.0, 0.5], [-float("inf"), 0.0, 1.0], [1e-41, -3e-42, 0.0], [-0.0, 0.0, -0.0]])
+
+
+@check
+def block_nearest_is_bit_identical_to_the_torch_backend(work):
+    import triton_quant as tq
+
+    x = hard_inputs()
+    for wl in (2, 3, 8, 16, 22):
+        for dim in (-1, 0, 1, 2, 3):
+            expected = torch_quant.block_quantize(x, wl, dim, "nearest")
+            assert_bit_identical(tq.block_quantize(x, wl, dim, "nearest"), expected, (wl, dim))
+            in_place = x.clone()
+            assert tq.block_quantize(in_place, wl, dim, "nearest", inplace=True) is in_place
+            assert_bit_identical(in_place, expected, (wl, dim, "in place"))
+    views = {"transposed": x.transpose(0, 3), "sliced": x[:, ::2, 1:], "strided 1-D": x.flatten()[::3],
+             "2-D": x[:, 0, 0, :].t(), "specials": special_values()}
+    for name, view in views.items():
+        for dim in (-1, 0):
+            assert_bit_identical(tq.block_quantize(view, 8, dim, "nearest"),
+                                 torch_quant.block_quantize(view, 8, dim, "nearest"), (name, dim))
+    assert tq.block_quantize(torch.empty(0, 3), 8, 0).shape == (0, 3)
+
+
+@check
+def fixed_and_float_nearest_are_bit_identical_to_the_torch_backend(work):
+    import triton_quant as tq
+
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    for wl, fl in ((8, 4), (4, 2), (16, 8), (8, 12), (32, 16), (8, -2)):
+        x = torch.cat([(hard_inputs()[:, :2] * 1e-36).flatten(), torch.randn(1000) * 10,
+                       torch.arange(-20, 20) / 2 ** (fl + 1), specials])
+        for clamp in (True, False):
+            for symmetric in (True, False):
+                assert_bit_identical(tq.fixed_point_quantize(x, wl, fl, clamp, symmetric, "nearest"),
+                                     torch_quant.fixed_point_quantize(x, wl, fl, clamp, symmetric, "nearest"),
+                                     ("fixed", wl, fl, clamp, symmetric))
+    x = torch.cat([hard_inputs().flatten(), specials])
+    for exp, man in ((8, 7), (5, 2), (5, 10), (4, 3), (3, 1), (8, 22), (2, 0)):
+        assert_bit_identical(tq.float_quantize(x, exp, man, "nearest"),
+                             torch_quant.float_quantize(x, exp, man, "nearest"), ("float", exp, man))
+
+
+@check
+def batched_rounding_equals_rounding_one_tensor_at_a_time(work):
+    import triton_quant as tq
+
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (10, 12), (7,), (2, 5)]
+    cases = [formats.BlockFormat(8), formats.BlockFormat(6, small_block="FC"),
+             formats.BlockFormat(5, small_block="Conv"), formats.BlockFormat(8, block_dim="BC"),
+             formats.FixedFormat(8, 4), formats.FloatFormat(5, 2)]
+    for number_format in cases:
+        tensors = [torch.randn(shape) * 10.0 ** torch.randint(-3, 3, ()) for shape in shapes]
+        expected = [number_format.quantize(t, "nearest", quantization.TORCH_BACKEND) for t in tensors]
+        originals = [t.clone() for t in tensors]
+        out = [torch.empty_like(t) for t in tensors]
+        tq.round_many(tensors, number_format, "nearest", out=out)
+        for original, tensor, result, wanted in zip(originals, tensors, out, expected):
+            assert torch.equal(tensor, original), "out= leaves the inputs alone"
+            assert_bit_identical(result, wanted, (str(number_format), "out"))
+        tq.round_many(tensors, number_format, "nearest")
+        for tensor, wanted in zip(tensors, expected):
+            assert_bit_identical(tensor, wanted, (str(number_format), "in place"))
+
+
+@check
+def block_stochastic_lands_on_a_neighbour_with_the_right_probability(work):
+    import triton_quant as tq
+    from test_torch_quant import block_neighbours
+
+    torch.manual_seed(0)
+    draws_per_value = 300
+    x = torch.randn(4, 500) * torch.tensor([[1e-3], [1.0], [7.0], [1e4]])
+    # One row (one block) per draw: every element index draws its own bits.
+    draws = tq.block_quantize(x.repeat(draws_per_value, 1), 8, 0, "stochastic", NoiseKey(5, 1, 0, 0))
+    draws = draws.view(draws_per_value, *x.shape)
+    low, high, step = block_neighbours(x, 8)
+    assert ((draws == low) | (draws == high)).all()
+    interior = high > low
+    p_up = ((x - low) / step)[interior]
+    observed = (draws == high).double().mean(0)[interior]
+    bound = 6 * (p_up * (1 - p_up) / draws_per_value).sqrt() + 1e-9
+    assert ((observed - p_up).abs() <= bound).all()
+    error = ((draws.double() - x) / step)[:, interior]
+    assert error.mean().abs() < 6 * 0.5 / error.numel() ** 0.5
+
+
+@check
+def fixed_and_float_stochastic_round_to_a_neighbour_either_way(work):
+    import triton_quant as tq
+
+    torch.manual_seed(0)
+    x = torch.randn(2000)
+    spacing = 2.0 ** (torch.floor(torch.log2(x.abs())) - 3)
+    key = NoiseKey(5, 1, 0, 0)
+    for name, draws, low, step in (
+            ("fixed", tq.fixed_point_quantize(x.repeat(50), 8, 4, rounding="stochastic", key=key),
+             torch.floor(x * 16) / 16, 1 / 16),
+            ("float", tq.float_quantize(x.repeat(50), 8, 3, "stochastic", key), torch.floor(x / spacing) * spacing,
+             spacing)):
+        draws = draws.view(50, -1)
+        high = low + step
+        assert ((draws == low) | (draws == high)).all(), name
+        off_grid = x != low
+        assert (draws == low).any(0)[off_grid].float().mean() > 0.9, name
+        assert (draws == high).any(0)[off_grid].float().mean() > 0.9, name
+        p_up = ((x - low) / step)[off_grid]
+        assert ((draws == high).double().mean(0)[off_grid] - p_up).abs().mean() < 0.05, name
+
+
+@check
+def noise_is_a_function_of_seed_step_identity_domain_and_index(work):
+    import triton_quant as tq
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 100)
+    key = NoiseKey(7, 3, 11, 1)
+    first = tq.block_quantize(x, 6, 0, "stochastic", key)
+    assert torch.equal(tq.block_quantize(x, 6, 0, "stochastic", key), first)
+    for field in NoiseKey._fields:
+        other = key._replace(**{field: getattr(key, field) + 1})
+        assert not torch.equal(tq.block_quantize(x, 6, 0, "stochastic", other), first), field
+    # An element's bits depend on its index, not on what else is rounded with it
+    # (fixed point: no block maximum couples the elements).
+    alone = tq.fixed_point_quantize(x, 8, 4, rounding="stochastic", key=key)
+    extended = tq.fixed_point_quantize(torch.cat([x, torch.randn(30, 100)]), 8, 4, rounding="stochastic", key=key)
+    assert torch.equal(extended[:64], alone)
+    # The top counter bits are used: steps 2^31 apart draw differently.
+    far = tq.block_quantize(x, 6, 0, "stochastic", key._replace(step=key.step + (1 << 31)))
+    assert not torch.equal(far, first)
+
+
+# Top-level operations that allocate or make views, and launch nothing on a GPU.
+NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::split", "aten::split_with_sizes", "aten::view",
+             "aten::reshape", "aten::contiguous"}
+
+
+@check
+def one_tensor_costs_two_kernels_and_a_fill_and_nothing_is_read_back(work):
+    import triton_quant as tq
+
+    key = NoiseKey(1, 0, 0, 0)
+    tensors = [torch.randn(8, 4, 3, 3), torch.randn(8), torch.randn(10, 8)]
+    tq.round_many(tensors, formats.BlockFormat(8), "stochastic", key)  # builds the cached block map
+    for name, call, top_level in (
+            ("one tensor", lambda: tq.block_quantize(tensors[0], 8, 0, "stochastic", key), 3),
+            ("batched", lambda: tq.round_many(tensors, formats.BlockFormat(8), "stochastic", key), 5)):
+        with torch.profiler.profile() as profile:
+            call()
+        events = [event for event in profile.events() if event.cpu_parent is None]
+        names = [event.name for event in events]
+        assert sum(name.startswith("triton::") for name in names) == 2, (name, names)
+        # Launches: the fill of the block maxima, the two kernels (and for a batch the gather and scatter).
+        launching = [n for n in names if n not in NO_KERNEL]
+        assert len(launching) <= top_level, (name, names)
+        everything = [event.name for event in profile.events()]
+        assert "aten::_local_scalar_dense" not in everything and "aten::item" not in everything, name
+
+
+class TinyNet(nn.Module):
+    """A convolution and a linear layer, one quantizer site after the
+    convolution: enough to exercise every stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def quantizer_sites(self, placement):
+        return [self.conv]
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def tiny_training(seed, rank=0, steps=2, wrap=None):
+    """A TinyNet trained a few steps in 8 bits on the triton backend."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    noise = quantization.StepNoise(seed, rank=rank)
+    backend, _ = quantization.select_backend("triton", torch.device("cpu"))
+    lengths = dict.fromkeys(quantization.NUMBER_KINDS, 8)
+    lengths["acc"] = 12
+    quantizers = quantization.build_quantizers(lengths, "stochastic", backend=backend, noise=noise)
+    quantization.insert_quantizers(net, quantizers["activate"], quantizers["error"], "layer")
+    optimizer = quantization.make_optimizer(net, quantizers, 0.1, 0.9, 5e-4, noise)
+    assert optimizer.batched
+    model = wrap(net) if wrap else net
+    data = torch.Generator().manual_seed(100 + rank)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        inputs, targets = torch.randn(4, 3, 6, 6, generator=data), torch.randint(0, 5, (4,), generator=data)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    return net, optimizer
+
+
+@check
+def training_is_repeatable_and_every_number_is_on_its_grid(work):
+    net, optimizer = tiny_training(seed=3)
+    again, _ = tiny_training(seed=3)
+    other, _ = tiny_training(seed=4)
+    for ours, theirs in zip(net.parameters(), again.parameters()):
+        assert_bit_identical(ours.data, theirs.data, "same seed")
+    assert any(not torch.equal(a, b) for a, b in zip(net.parameters(), other.parameters())), "other seed"
+    for param in net.parameters():
+        assert on_block_grid(param.data, 8) and on_block_grid(param.grad, 8)
+        assert on_block_grid(optimizer.optim.state[param]["momentum_buffer"], 8)
+        assert on_block_grid(optimizer.weight_acc[param], 12)
+
+
+def _rank(rank, init_file, queue):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    net, optimizer = tiny_training(seed=3, rank=rank, wrap=nn.parallel.DistributedDataParallel)
+    probe = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        activation = net.conv(probe)  # rounded by the site's quantizer, with this rank's noise
+    state = [p.data for p in net.parameters()] + [optimizer.optim.state[p]["momentum_buffer"] for p in
+                                                  net.parameters()]
+    queue.put((rank, [bits(t).tolist() for t in state], bits(activation).tolist()))
+    torch.distributed.destroy_process_group()
+
+
+@check
+def optimizer_rounding_is_identical_on_two_gloo_ranks(work):
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    init_file = os.path.join(tempfile.mkdtemp(dir=work), "gloo-init")  # a stale one would hang the rendezvous
+    processes = [context.Process(target=_rank, args=(rank, init_file, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    results = {}
+    try:
+        for _ in processes:
+            rank, state, activation = queue.get(timeout=300)
+            results[rank] = (state, activation)
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.exitcode is None:
+                process.kill()
+    assert all(process.exitcode == 0 for process in processes)
+    # Different data and activation noise per rank, one average gradient, one optimizer noise.
+    assert results[0][0] == results[1][0], "weights or momenta differ between ranks"
+    assert results[0][1] != results[1][1], "activation noise should differ between ranks"
+
+
+def main():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    work = sys.argv[1]
+    for name in sys.argv[2:] or CHECKS:
+        start = time.perf_counter()
+        try:
+            CHECKS[name](work)
+            outcome = {"ok": True}
+        except Exception:
+            outcome = {"ok": False, "error": traceback.format_exc()}
+        print(json.dumps({"check": name, "seconds": round(time.perf_counter() - start, 2), **outcome}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

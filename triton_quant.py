@@ -1,0 +1,320 @@
+"""The rounding kernels of `torch_quant`, fused into Triton kernels.
+
+Each rounded tensor costs at most three launches and no host sync: block
+floating point fills a buffer of block maxima (one fill, one pass of atomic
+maxima), then rounds and clips in one pass; fixed and floating point round in
+one pass. Nearest rounding does torch_quant's arithmetic step for step, so
+its results are bit-identical to torch_quant's (and so to qtorch's);
+stochastic rounding adds the same uniform bits below the last kept bit.
+
+The noise is counter-based: each element's random bits are Philox-4x32-10
+(`tl.philox`) of
+
+    key     = the run's seed (64 bits),
+    counter = (element index, identity, step, domain),
+
+so they depend on nothing but those numbers, never on a generator's state or
+on the order of calls. A `seeding.NoiseKey` carries the seed and the last
+three words. Philox is a bijection of the counter for a given key, so two
+roundings draw the same bits exactly when all four words agree; callers keep
+the (identity, step, domain) triples of different roundings distinct (see
+quantization.StepNoise).
+
+Where no GPU is present, `TRITON_INTERPRET=1` (set before triton is
+imported) runs the same kernels on CPU tensors, slowly; tiles are then large
+so that a small tensor takes a single program.
+
+torch has no fused block-rounding kernel and qtorch's CUDA kernels cannot be
+seeded, hence kernels of our own.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+import torch_quant
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# Elements per program. The interpreter pays per program, a GPU per idle lane.
+TILE = 1 << 16 if INTERPRETING else 1024
+MAX_ELEMENTS = 1 << 31  # element indices are int32 and the first Philox counter word
+MANTISSA_BITS = torch_quant.MANTISSA_BITS
+# Contracting a multiply and an add into one fma would skip a rounding that
+# torch_quant performs; nearest rounding must stay bit-identical.
+LAUNCH_OPTIONS = {} if INTERPRETING else {"enable_fp_fusion": False}
+
+
+def available(device):
+    """Why the kernels cannot run on `device`, or None when they can."""
+    if device.type == "cuda" or INTERPRETING:
+        return None
+    return f"Triton's kernels run on CUDA devices (or on the CPU with TRITON_INTERPRET=1), not on {device.type}"
+
+
+def compile_for(device):
+    """Compile (or load from Triton's cache) and run the block kernels on
+    `device` once; raises whatever the compiler or driver raises."""
+    block_quantize(torch.ones(2, device=device), 8, 0, "nearest")
+
+
+@triton.jit
+def _random_bits(offsets, seed, identity, step, domain):
+    zero = offsets * 0
+    bits, _, _, _ = tl.philox(seed, offsets, zero + identity, zero + step, zero + domain)
+    return bits.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _round_mantissa(bits, offsets, seed, identity, step, domain, DROP: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """torch_quant._round_mantissa on int32 bits: keep 23 - DROP mantissa bits."""
+    mask: tl.constexpr = (1 << DROP) - 1
+    if STOCHASTIC:
+        bits = bits + (_random_bits(offsets, seed, identity, step, domain) & mask)
+    else:
+        bits = bits + (1 << (DROP - 1))
+    return bits & ~mask
+
+
+@triton.jit
+def _block_index(offsets, block_map, inner, blocks, MAPPED: tl.constexpr, mask):
+    if MAPPED:
+        return tl.load(block_map + offsets, mask=mask, other=0)
+    return (offsets // inner) % blocks
+
+
+@triton.jit
+def _block_peak_kernel(x, peaks, block_map, n, inner, blocks, MAPPED: tl.constexpr, TILE: tl.constexpr):
+    """peaks[b] = max over block b of |x| as int32 bits (NaN above inf above
+    every finite magnitude, as torch's amax propagates NaN)."""
+    offsets = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    offsets = offsets.to(tl.int32)
+    mask = offsets < n
+    magnitude = tl.load(x + offsets, mask=mask, other=0.0).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    block = _block_index(offsets, block_map, inner, blocks, MAPPED, mask)
+    first = tl.min(tl.where(mask, block, 2147483647), axis=0)
+    last = tl.max(tl.where(mask, block, -1), axis=0)
+    if first == last:  # the whole tile lies in one block: one atomic instead of TILE
+        tl.atomic_max(peaks + first, tl.max(magnitude, axis=0))
+    else:
+        tl.atomic_max(peaks + block, magnitude, mask=mask)
+
+
+@triton.jit
+def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, seed, identity, step, domain,
+                        DROP: tl.constexpr, LARGEST_MANTISSA: tl.constexpr, STOCHASTIC: tl.constexpr,
+                        MAPPED: tl.constexpr, TILE: tl.constexpr):
+    """torch_quant.block_quantize's rebase, round and qtorch's bit-level clip
+    in one pass. torch_quant clamps instead where no block needs the
+    bit-level clip; the two agree on such blocks, so here every block takes
+    the bit-level clip."""
+    offsets = (tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)).to(tl.int32)
+    mask = offsets < n
+    value = tl.load(x + offsets, mask=mask, other=0.0)
+    block = _block_index(offsets, block_map, inner, blocks, MAPPED, mask)
+    max_exponent = tl.load(peaks + block, mask=mask, other=0) & 0x7F800000
+    base = max_exponent.to(tl.float32, bitcast=True) * 6.0
+    rebased = (value + base).to(tl.int32, bitcast=True)
+    rounded = _round_mantissa(rebased, offsets, seed, identity, step, domain, DROP, STOCHASTIC)
+    quantized = (rounded.to(tl.float32, bitcast=True) - base).to(tl.int32, bitcast=True)
+    overflow = (quantized & 0x7F800000) > max_exponent
+    clipped = tl.where(overflow, (quantized & -2147483648) | max_exponent | LARGEST_MANTISSA, quantized)
+    tl.store(out + offsets, clipped.to(tl.float32, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _fixed_kernel(x, out, n, scale, unscale, low, high, seed, identity, step, domain,
+                  STOCHASTIC: tl.constexpr, CLAMP: tl.constexpr, TILE: tl.constexpr):
+    """torch_quant.fixed_point_quantize: qtorch's nearbyint((float)(a + r) - 0.5)
+    in double, rounding half to even."""
+    offsets = (tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)).to(tl.int32)
+    mask = offsets < n
+    scaled = tl.load(x + offsets, mask=mask, other=0.0) * scale
+    if STOCHASTIC:
+        # 24 random bits: a float32 uniform on [0, 1), as torch.rand draws.
+        uniform = ((_random_bits(offsets, seed, identity, step, domain) >> 8) & 0xFFFFFF).to(tl.float32)
+        shifted = (scaled + uniform * 5.9604644775390625e-08).to(tl.float64) - 0.5
+    else:
+        shifted = (scaled + 0.5).to(tl.float64) - 0.5
+    # Adding and removing 2^52 rounds a double of smaller magnitude to an
+    # integer, half to even; larger ones (and inf, NaN) are integers already.
+    magnitude = tl.abs(shifted)
+    integral = (magnitude + 4503599627370496.0) - 4503599627370496.0
+    whole = tl.where(shifted < 0, -integral, integral)
+    rounded = tl.where(magnitude < 4503599627370496.0, whole, shifted).to(tl.float32)
+    result = rounded * unscale
+    if CLAMP:
+        result = tl.minimum(tl.maximum(result, low, propagate_nan=tl.PropagateNan.ALL), high,
+                            propagate_nan=tl.PropagateNan.ALL)
+    tl.store(out + offsets, result, mask=mask)
+
+
+@triton.jit
+def _float_kernel(x, out, n, seed, identity, step, domain, MIN_EXPONENT: tl.constexpr,
+                  MAX_FIELD: tl.constexpr, LARGEST_MANTISSA: tl.constexpr, DROP: tl.constexpr,
+                  STOCHASTIC: tl.constexpr, TILE: tl.constexpr):
+    """torch_quant.float_quantize; one draw per element serves whichever of
+    the subnormal and normal roundings the element takes."""
+    offsets = (tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)).to(tl.int32)
+    mask = offsets < n
+    value = tl.load(x + offsets, mask=mask, other=0.0)
+    bits = value.to(tl.int32, bitcast=True)
+    sign = bits & -2147483648
+    exponent = ((bits >> 23) & 0xFF) - 127
+    shift = (((127 + MIN_EXPONENT) << 23) | sign).to(tl.float32, bitcast=True)
+    shifted = _round_mantissa((value + shift).to(tl.int32, bitcast=True), offsets, seed, identity, step, domain,
+                              DROP, STOCHASTIC)
+    small = shifted.to(tl.float32, bitcast=True) - shift
+    normal = _round_mantissa(bits, offsets, seed, identity, step, domain, DROP, STOCHASTIC)
+    overflow = ((normal >> 23) & 0xFF) > MAX_FIELD
+    normal = tl.where(overflow, sign | (MAX_FIELD << 23) | LARGEST_MANTISSA, normal)
+    tl.store(out + offsets, tl.where(exponent < MIN_EXPONENT, small, normal.to(tl.float32, bitcast=True)),
+             mask=mask)
+
+
+def _launch(kernel, n, *args, **constants):
+    """One launch over n elements, visible to torch.profiler as one event."""
+    with torch.profiler.record_function(f"triton::{kernel.fn.__name__}"):
+        kernel[(triton.cdiv(n, TILE),)](*args, TILE=TILE, **constants, **LAUNCH_OPTIONS)
+
+
+def _word(value):
+    """A 32-bit counter word as the int32 kernel argument with its bits."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _noise(key, rounding):
+    if rounding == "stochastic" and key is None:
+        raise ValueError("stochastic rounding with the triton backend needs a NoiseKey")
+    if key is None:
+        return 0, 0, 0, 0
+    return key.seed & ((1 << 63) - 1), _word(key.identity), _word(key.step), _word(key.domain)
+
+
+def _prepare(x, rounding, inplace):
+    """Check x; the contiguous input and the tensor to write into."""
+    torch_quant._check(x, rounding)
+    if x.numel() >= MAX_ELEMENTS:
+        raise ValueError(f"the triton backend rounds tensors of fewer than 2^31 elements, got {x.numel()}")
+    source = x.contiguous()
+    return source, source if inplace and source is x else torch.empty_like(source)
+
+
+def _block_round(source, out, wl, rounding, key, inner, blocks, block_map=None, block_count=None):
+    n = source.numel()
+    mapped = block_map is not None
+    peaks = torch.zeros(block_count if mapped else blocks, dtype=torch.int32, device=source.device)
+    index = block_map if mapped else peaks  # an unused pointer when the index is computed
+    _launch(_block_peak_kernel, n, source, peaks, index, n, inner, blocks, MAPPED=mapped)
+    _launch(_block_round_kernel, n, source, out, peaks, index, n, inner, blocks, *_noise(key, rounding),
+            DROP=MANTISSA_BITS - wl, LARGEST_MANTISSA=torch_quant._largest_mantissa(wl - 2),
+            STOCHASTIC=rounding == "stochastic", MAPPED=mapped)
+    return out
+
+
+def block_layout(shape, dim):
+    """(inner, blocks): element i of a contiguous tensor of `shape` lies in
+    block (i // inner) % blocks, as torch_quant.block_max groups them."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if dim == -1 or not shape:
+        return max(numel, 1), 1
+    inner = 1
+    for size in shape[dim + 1:]:
+        inner *= size
+    return max(inner, 1), shape[dim]
+
+
+def block_quantize(x, wl, dim=-1, rounding="stochastic", key=None, inplace=False):
+    """torch_quant.block_quantize; `key` (a seeding.NoiseKey) selects the noise."""
+    torch_quant._check(x, rounding)
+    if not -1 <= dim < max(x.dim(), 1):
+        raise ValueError(f"block dim must be -1 or in [0, {x.dim() - 1}], got {dim}")
+    if x.numel() == 0:
+        return x if inplace else x.clone()
+    source, out = _prepare(x, rounding, inplace)
+    inner, blocks = block_layout(tuple(x.shape), dim)
+    return _block_round(source, out, wl, rounding, key, inner, blocks)
+
+
+def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stochastic", key=None, inplace=False):
+    """torch_quant.fixed_point_quantize; `key` (a seeding.NoiseKey) selects the noise."""
+    torch_quant._check(x, rounding)
+    if wl - fl > 128 or fl > 126:
+        raise ValueError(f"fixed point range and step must be normal float32 numbers "
+                         f"(wl - fl <= 128, fl <= 126), got wl {wl}, fl {fl}")
+    source, out = _prepare(x, rounding, inplace)
+    step_size = 2.0 ** -fl
+    low, high = -(2.0 ** (wl - fl - 1)), 2.0 ** (wl - fl - 1) - step_size
+    if symmetric:
+        low += step_size
+    _launch(_fixed_kernel, source.numel(), source, out, source.numel(), 2.0 ** fl, step_size, low, high,
+            *_noise(key, rounding), STOCHASTIC=rounding == "stochastic", CLAMP=clamp)
+    return out
+
+
+def float_quantize(x, exp, man, rounding="stochastic", key=None, inplace=False):
+    """torch_quant.float_quantize; `key` (a seeding.NoiseKey) selects the noise."""
+    torch_quant._check(x, rounding)
+    if not 2 <= exp <= 8 or not 0 <= man <= 22:
+        raise ValueError(f"floating point needs exp in [2, 8] and man in [0, 22], got {exp}, {man}")
+    source, out = _prepare(x, rounding, inplace)
+    _launch(_float_kernel, source.numel(), source, out, source.numel(), *_noise(key, rounding),
+            MIN_EXPONENT=-((1 << (exp - 1)) - 2), MAX_FIELD=(1 << (exp - 1)) + 127,
+            LARGEST_MANTISSA=torch_quant._largest_mantissa(man), DROP=MANTISSA_BITS - man,
+            STOCHASTIC=rounding == "stochastic")
+    return out
+
+
+_block_maps = {}
+
+
+def _block_map(layouts, device):
+    """For a flat buffer of tensors with the given (numel, inner, blocks),
+    each element's block number counted over all tensors (int32), and the
+    number of blocks. Cached: a list of parameters keeps its shapes."""
+    cache_key = (tuple(layouts), device)
+    if cache_key not in _block_maps:
+        parts, base = [], 0
+        for numel, inner, blocks in layouts:
+            local = torch.arange(numel, dtype=torch.int64, device=device).div_(inner, rounding_mode="floor")
+            parts.append(local.remainder_(blocks).add_(base).to(torch.int32))
+            base += blocks
+        _block_maps[cache_key] = torch.cat(parts), base
+    return _block_maps[cache_key]
+
+
+def round_many(tensors, number_format, rounding, key=None, out=None):
+    """Round every tensor of the list into itself, or into the matching
+    tensor of `out`, as `number_format.quantize` would one by one, with the
+    noise of `key` over their concatenation (each element's index is its
+    position there). Five launches whatever the number of tensors: gather
+    into one flat buffer, the kernels of one tensor (block maxima through a
+    cached map of each element's block), scatter back."""
+    if not tensors:
+        return
+    for tensor in tensors:
+        torch_quant._check(tensor, rounding)
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    if flat.numel() >= MAX_ELEMENTS:
+        raise ValueError(f"the triton backend rounds fewer than 2^31 elements at once, got {flat.numel()}")
+    if number_format.kernel == "block":
+        layouts = []
+        for tensor in tensors:
+            shape, dim = number_format.blocking(tuple(tensor.shape))
+            layouts.append((tensor.numel(), *block_layout(shape, dim)))
+        block_map, block_count = _block_map(layouts, flat.device)
+        _block_round(flat, flat, number_format.wl, rounding, key, 1, 1, block_map, block_count)
+    elif number_format.kernel == "fixed":
+        fixed_point_quantize(flat, number_format.wl, number_format.fl, number_format.clamp, number_format.symmetric,
+                             rounding, key, inplace=True)
+    elif number_format.kernel == "float":
+        float_quantize(flat, number_format.exp, number_format.man, rounding, key, inplace=True)
+    else:
+        raise ValueError(f"the triton backend cannot round {number_format}")
+    targets = tensors if out is None else out
+    pieces = flat.split([tensor.numel() for tensor in tensors])
+    torch._foreach_copy_(targets, [piece.view(tensor.shape) for piece, tensor in zip(pieces, targets)])
