@@ -299,6 +299,7 @@ def test_resuming_beyond_epochs_is_refused(state, training):
     (["--swa_c_epochs", "2", "--swa_c_steps", "3"], "--swa_c_epochs does nothing when averaging every"),
     (["--swa_c_epochs", "2", "--swa_schedule", "cyclic"], "--swa_c_epochs does nothing when averaging every"),
     (["--wl-momentum", "8", "--momentum", "0"], "--wl-momentum does nothing with --momentum 0"),
+    (["--format-momentum", "e4m3", "--momentum", "0"], "--format-momentum does nothing with --momentum 0"),
     (["--swa_lr", "inf"], "--swa_lr: inf must be finite"),
     (["--swa_lr", "fast"], "--swa_lr: fast is not a number"),
     (["--epochs", "2.5"], "--epochs: 2.5 is not a whole number"),
@@ -310,6 +311,11 @@ def test_flags_that_would_do_nothing_or_are_no_numbers_are_refused(capsys, flags
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
+
+
+def test_format_for_every_kind_with_no_momentum_is_accepted():
+    args = train.parse_args(["--data_path", "data", "--model", "VGG16", "--format", "e4m3", "--momentum", "0"])
+    assert args.format_weight == "e4m3" and args.format_momentum == "e4m3"
 
 
 def test_overwrite_with_a_resume_of_the_same_run_is_refused(cifar_root, tmp_path):

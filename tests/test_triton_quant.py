@@ -129,6 +129,18 @@ def test_a_format_a_backend_lacks_is_refused_in_one_line():
     quantization.TensorQuantizer(formats.BlockFormat(8), "nearest", block_only)
 
 
+def test_a_quantizer_on_a_backend_without_batched_kernels_rounds_a_list_one_tensor_at_a_time():
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3) * 10, torch.randn(5)]
+    expected = [formats.BlockFormat(6).quantize(t, "nearest", quantization.TORCH_BACKEND) for t in tensors]
+    quantizer = quantization.TensorQuantizer(formats.BlockFormat(6), "nearest", quantization.TORCH_BACKEND)
+    out = [torch.empty_like(t) for t in tensors]
+    quantizer.round_many(tensors, identity=0, out=out)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    quantizer.round_many(tensors, identity=0)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
+
+
 def test_triton_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
     import triton_quant
 
