@@ -398,6 +398,7 @@ class Training:
         self.epoch = 0
         self.epoch_totals = utils.new_epoch_totals()
         self.history = []
+        self.rows_printed = 0  # by this process: its first row, a resumed run's too, gets the header
 
     def accumulators(self):
         if self.optimizer.acc_quant is None:
@@ -588,7 +589,8 @@ class Training:
         self.epoch, self.epoch_totals = completed, utils.new_epoch_totals()
         print(utils.table_row([completed, lr, train_res["loss"], train_res["accuracy"], train_res["time"],
                                test_res["loss"], test_res["accuracy"], swa_res["loss"], swa_res["accuracy"],
-                               swa_n], epoch), flush=True)
+                               swa_n], epoch, header=self.rows_printed == 0), flush=True)
+        self.rows_printed += 1
         if self.schedule.c_steps and collected_at:
             print(f"     averaged after steps {', '.join(map(str, collected_at))}", flush=True)
         return record

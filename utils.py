@@ -270,12 +270,13 @@ def evaluate(loader, model, device, description="eval", world=World()):
 
 # ---------------------------------------------------------------- logging
 
-def table_row(values, epoch):
+def table_row(values, epoch, header=False):
     """One line of the seed's per-epoch table, with the header before it on
-    the first epoch and every HEADER_EVERY epochs."""
+    the first epoch, every HEADER_EVERY epochs, and when `header` is set (the
+    first row a resumed run prints)."""
     table = tabulate.tabulate([values], TABLE_COLUMNS, tablefmt="simple", floatfmt="8.4f")
     lines = table.split("\n")
-    if epoch % HEADER_EVERY == 0:
+    if header or epoch % HEADER_EVERY == 0:
         return "\n".join([lines[1]] + lines)
     return lines[2]
 
