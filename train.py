@@ -58,6 +58,12 @@ non_negative_float = number(float, lambda value: value >= 0, "0 or more")
 seed_value = number(int, lambda value: 0 <= value < 2 ** 32, "in 0..2^32-1")  # NumPy's limit
 
 
+def unquantized(kind):
+    """What word length -1 means for a kind of number, said alike in --help
+    and the startup lines."""
+    return "none, SGD updates the weights directly" if kind == "acc" else "full precision"
+
+
 class ExitTwoParser(argparse.ArgumentParser):
     """argparse already exits with code 2 on bad flags; this only makes its
     message the one-line form used for every other user error."""
@@ -120,11 +126,10 @@ def build_parser():
     lowp = parser.add_argument_group("low precision (block floating point)")
     for kind, what in (("weight", "weights"), ("activate", "activations"), ("grad", "gradients"),
                        ("error", "back-propagated errors"), ("momentum", "momentum buffers"),
-                       ("acc", "the gradient accumulator, a low-precision copy of the weights that "
-                               "SGD updates (with -1 there is none)")):
+                       ("acc", "the gradient accumulator, a low-precision copy of the weights that SGD updates")):
         lowp.add_argument(f"--wl-{kind}", type=word_length, default=-1, metavar="N",
                           help=f"word length in bits ({quantization.MIN_WL}..{quantization.MAX_WL}) for {what}; "
-                               f"-1 if full precision (default: -1)")
+                               f"-1: {unquantized(kind)} (default: -1)")
     lowp.add_argument("--rounding", "--quant-type", dest="rounding", default="stochastic",
                       choices=quantization.ROUNDINGS,
                       help="rounding: stochastic or nearest (default: stochastic; "
@@ -375,7 +380,7 @@ class Training:
         noise = quantization.StepNoise(args.seed)
         quantizers, self.backend = build_quantizers(args, device, noise, world)
         for kind in quantization.NUMBER_KINDS:
-            print(f"{kind:10}: {quantizers[kind] or 'full precision'}")
+            print(f"{kind:10}: {quantizers[kind] or unquantized(kind)}")
         self.sites = quantization.insert_quantizers(self.net, quantizers["activate"], quantizers["error"],
                                                     args.quant_placement)
         print(f"Model {args.model}: {self.sites} activation quantizers ({args.quant_placement} placement), "

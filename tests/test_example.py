@@ -28,4 +28,5 @@ def test_the_documented_example_line_runs_the_seed_experiment(fake_cifar_env, ci
     assert config["lr_init"] == 0.05 and config["swa_lr"] == 0.01 and config["rounding"] == "stochastic"
     assert all(config[f"wl_{kind}"] == 8 for kind in ("weight", "grad", "activate", "error", "momentum"))
     assert config["wl_acc"] == -1
+    assert "\nacc       : none, SGD updates the weights directly\n" in result.stdout  # as --help and README say
     assert (config["model"], config["epochs"], config["swa_start"], config["device"]) == ("VGG16", 2, 1, "cpu")
