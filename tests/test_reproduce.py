@@ -179,3 +179,32 @@ def test_data_is_fetched_once_before_any_run_starts(fake_cifar_env, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: CIFAR100 files in ") and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "paper").exists()
+
+
+def test_plot_shows_sgd_and_swa_apart_within_0_to_100_percent():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(sgd, swa):
+        run = fake_run(8, 1, sgd[-1], swa[-1])[1]
+        run["epochs"] = [{"epoch": epoch, "test_accuracy": 100 - sgd_error,
+                          "swa_test_accuracy": None if swa_error is None else 100 - swa_error}
+                         for epoch, (sgd_error, swa_error) in enumerate(zip(sgd, swa), 1)]
+        return [run]
+
+    by_label = {"8-bit": curve([99.9, 60.0, 40.0], [None, 40.0, 39.0]),
+                "fp": curve([99.0, 50.0, 0.2], [None, 0.2, 0.1])}
+    figure = report.error_figure(by_label, "CIFAR100 VGG16", plt)
+    axes = figure.axes[0]
+    assert axes.get_ylim() == (0.0, 100.0)  # clamped: the margins would leave 0..100 %
+    lines = {tuple(line.get_label().split()[:2]): line for line in axes.lines}
+    for label in ("8-bit", "fp"):
+        sgd, swa = lines[("SGD", label)], lines[("SWA", label)]
+        assert sgd.get_color() == swa.get_color() and sgd.get_linestyle() != swa.get_linestyle()
+        assert sgd.get_zorder() > swa.get_zorder() and swa.get_alpha() < 1  # SGD drawn over a see-through SWA
+        assert swa.get_linewidth() > sgd.get_linewidth()  # and SWA still shows on both sides of it
+    assert lines[("SGD", "8-bit")].get_color() != lines[("SGD", "fp")].get_color()
+    plt.close(figure)
+    assert report.error_limits([20.0, 30.0]) == (19.5, 30.5)
