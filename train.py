@@ -76,11 +76,14 @@ def build_parser():
     parser = ExitTwoParser(description="SWALP training (SGD and SWA in low precision).")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="CIFAR10", choices=utils.DATASETS,
-                      help="dataset name (default: CIFAR10)")
-    data.add_argument("--data_path", required=True, metavar="PATH",
+                      help="dataset name; digits: scikit-learn's 8x8 digits upsampled to 32x32, a CPU quick "
+                           "start, with defaults of its own: " + ", ".join(
+                               f"{key} {value}" for key, value in DATASET_DEFAULTS["digits"].items()) +
+                           " (default: CIFAR10)")
+    data.add_argument("--data_path", metavar="PATH",
                       help="CIFAR: folder holding <dataset lower-case>/ with the python version of CIFAR, "
                            "downloaded there when absent; ImageNet: folder holding train/ and val/ with one "
-                           "folder of images per class")
+                           "folder of images per class; digits: not needed (required for the others)")
     data.add_argument("--batch_size", type=positive(int), default=None, metavar="N",
                       help="input batch size per process (default: 128; ImageNet: 32)")
     data.add_argument("--num_workers", type=non_negative_int, default=4, metavar="N",
@@ -175,6 +178,10 @@ DATASET_DEFAULTS = {
     "ImageNet": {"batch_size": 32, "epochs": 90, "lr_init": 0.1, "wd": 1e-4, "swa_start": 80, "swa_lr": 0.001},
 }
 DATASET_DEFAULTS["CIFAR100"] = DATASET_DEFAULTS["CIFAR10"]
+# digits: a CPU quick start (see experiments/digits_quickstart.py), short
+# enough to train in full precision and in 8 bits in about a minute.
+DATASET_DEFAULTS["digits"] = {"batch_size": 32, "epochs": 6, "lr_init": 0.05, "wd": 5e-4, "swa_start": 4,
+                              "swa_lr": 0.01}
 
 
 def parse_args(argv=None):
@@ -184,6 +191,8 @@ def parse_args(argv=None):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.data_path is None and args.dataset != "digits":
+        parser.error(f"--dataset {args.dataset} needs --data_path")
     imagenet = args.dataset == "ImageNet"
     if imagenet != (args.model in models.IMAGENET_MODELS):
         parser.error(f"--model {args.model} is for {'CIFAR' if imagenet else 'ImageNet'}; use "
@@ -366,7 +375,7 @@ class Training:
 
     def __init__(self, args, device, run_dir, world=distributed.World()):
         self.args, self.device, self.run_dir, self.world = args, device, run_dir, world
-        print(f"Loading dataset {args.dataset} from {args.data_path}")
+        print(f"Loading dataset {args.dataset}" + (f" from {args.data_path}" if args.data_path else ""))
         train_set, test_set, num_classes = load_data(args, world)
         self.train_loader, self.test_loader, self.bn_loader = utils.make_loaders(
             train_set, test_set, args.batch_size, args.num_workers, args.seed, device.type == "cuda", world)

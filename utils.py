@@ -21,10 +21,11 @@ import torchvision.transforms as transforms
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from digits import load_digits
 from distributed import ShardSampler, World, sum_across
 from seeding import mix_seed
 
-DATASETS = ("CIFAR10", "CIFAR100", "ImageNet")
+DATASETS = ("CIFAR10", "CIFAR100", "ImageNet", "digits")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,6 +45,9 @@ def load_data(dataset, data_path):
     """(train set with augmentation, test set, number of classes)."""
     if dataset == "ImageNet":
         train_set, test_set = load_imagenet(data_path)
+        return train_set, test_set, len(train_set.classes)
+    if dataset == "digits":  # bundled with scikit-learn: no data_path
+        train_set, test_set = load_digits()
         return train_set, test_set, len(train_set.classes)
     train_set, test_set = load_cifar(dataset, data_path)
     return train_set, test_set, len(train_set.classes)
