@@ -218,7 +218,8 @@ def build_parser():
     parser.add_argument("--batch_size", type=int, default=16, help="minibatch size")
     parser.add_argument("--swa_start", type=int, default=50, help="epochs before averaging starts")
     parser.add_argument("--replicates", type=int, default=16, help="independent runs averaged per number")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order and the rounding noise (the split is fixed)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sample order and the rounding noise (the split is fixed)")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "logistic_regression.png"),
                         help="the PNG; the JSON goes next to it")
     return parser

@@ -4,7 +4,8 @@ One full-precision run gives SGD-FP and SWA-FP, one 8-bit run SGD-LP and
 SWALP. The 8-bit setting is the paper's table setting (`lp8`): every number
 in 8 bits including the gradient accumulator, with `--small-block FC`; it
 differs from `example.sh`, the seed's example command, which has no
-accumulator and blocks every tensor along dimension 0. Each (dataset, model, precision, seed) gets its own run directory
+accumulator and blocks every tensor along dimension 0. Each (dataset, model,
+precision, seed) gets its own run directory
 `<out>/<dataset>-<model>-<precision>/seed<seed>`; finished runs are skipped
 and interrupted ones continue from their newest checkpoint (`--resume auto`),
 so the same command can be repeated until everything is done. With `--gpus`

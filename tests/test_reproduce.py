@@ -83,9 +83,10 @@ def test_a_run_that_cannot_start_or_is_running_elsewhere(tmp_path):
         raise OSError("no such directory")
 
     lines = []
-    failed = runner.run_jobs([runner.Job("broken", str(tmp_path / "x"), "CIFAR10")], [], start=broken, report=lines.append)
+    broken_job = runner.Job("broken", str(tmp_path / "x"), "CIFAR10")
+    failed = runner.run_jobs([broken_job], [], start=broken, report=lines.append)
     assert [job.name for job in failed] == ["broken"] and "FAILED (OSError: no such directory): broken" in lines
-    busy = runner.Job("busy", str(tmp_path / "busy"), "CIFAR10", ["false", "--resume", "auto"])
+    busy = runner.Job("busy", str(tmp_path / "busy"), "CIFAR10", command=["false", "--resume", "auto"])
     (tmp_path / "busy").mkdir()
     with open(tmp_path / "busy" / ".runner.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
