@@ -75,6 +75,12 @@ non_negative_float = number(float, lambda value: value >= 0, "0 or more")
 seed_value = number(int, lambda value: 0 <= value < 2 ** 32, "in 0..2^32-1")  # NumPy's limit
 
 
+def unquantized(kind):
+    """What word length -1 means for a kind of number, said alike in --help
+    and the startup lines."""
+    return "none, SGD updates the weights directly" if kind == "acc" else "full precision"
+
+
 class ExitTwoParser(argparse.ArgumentParser):
     """argparse already exits with code 2 on bad flags; this only makes its
     message the one-line form used for every other user error."""
@@ -87,11 +93,14 @@ def build_parser():
     parser = ExitTwoParser(description="SWALP training (SGD and SWA in low precision).")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="CIFAR10", choices=utils.DATASETS,
-                      help="dataset name (default: CIFAR10)")
-    data.add_argument("--data_path", required=True, metavar="PATH",
+                      help="dataset name; digits: scikit-learn's 8x8 digits upsampled to 32x32, a CPU quick "
+                           "start, with defaults of its own: " + ", ".join(
+                               f"{key} {value}" for key, value in DATASET_DEFAULTS["digits"].items()) +
+                           " (default: CIFAR10)")
+    data.add_argument("--data_path", metavar="PATH",
                       help="CIFAR: folder holding <dataset lower-case>/ with the python version of CIFAR, "
                            "downloaded there when absent; ImageNet: folder holding train/ and val/ with one "
-                           "folder of images per class")
+                           "folder of images per class; digits: not needed (required for the others)")
     data.add_argument("--batch_size", type=positive(int), default=None, metavar="N",
                       help="input batch size per process (default: 128; ImageNet: 32)")
     data.add_argument("--num_workers", type=non_negative_int, default=4, metavar="N",
@@ -147,11 +156,10 @@ def build_parser():
                       help="number format of every kind below, accumulator included (default: full precision)")
     for kind, what in (("weight", "weights"), ("activate", "activations"), ("grad", "gradients"),
                        ("error", "back-propagated errors"), ("momentum", "momentum buffers"),
-                       ("acc", "the gradient accumulator, a low-precision copy of the weights that "
-                               "SGD updates (with -1 there is none)")):
+                       ("acc", "the gradient accumulator, a low-precision copy of the weights that SGD updates")):
         lowp.add_argument(f"--wl-{kind}", type=word_length, default=None, metavar="N",
                           help=f"block floating point word length in bits ({formats.MIN_WL}..{formats.MAX_WL}) "
-                               f"for {what}; -1 if full precision (default: -1)")
+                               f"for {what}; -1: {unquantized(kind)} (default: -1)")
         lowp.add_argument(f"--format-{kind}", type=formats.argument, default=None, metavar="SPEC",
                           help=f"number format of {what.split(',')[0]} (instead of --wl-{kind}; "
                                f"overrides --format)")
@@ -205,6 +213,10 @@ DATASET_DEFAULTS = {
     "ImageNet": {"batch_size": 32, "epochs": 90, "lr_init": 0.1, "wd": 1e-4, "swa_start": 80, "swa_lr": 0.001},
 }
 DATASET_DEFAULTS["CIFAR100"] = DATASET_DEFAULTS["CIFAR10"]
+# digits: a CPU quick start (see experiments/digits_quickstart.py), a few
+# hundred steps with the smallest CIFAR model, PreResNet20.
+DATASET_DEFAULTS["digits"] = {"batch_size": 32, "epochs": 6, "lr_init": 0.05, "wd": 5e-4, "swa_start": 4,
+                              "swa_lr": 0.01}
 
 
 def parse_args(argv=None):
@@ -214,6 +226,8 @@ def parse_args(argv=None):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.data_path is None and args.dataset != "digits":
+        parser.error(f"--dataset {args.dataset} needs --data_path")
     imagenet = args.dataset == "ImageNet"
     if imagenet != (args.model in models.IMAGENET_MODELS):
         parser.error(f"--model {args.model} is for {'CIFAR' if imagenet else 'ImageNet'}; use "
@@ -378,7 +392,7 @@ class Training:
 
     def __init__(self, args, device, run_dir, world=distributed.World()):
         self.args, self.device, self.run_dir, self.world = args, device, run_dir, world
-        print(f"Loading dataset {args.dataset} from {args.data_path}")
+        print(f"Loading dataset {args.dataset}" + (f" from {args.data_path}" if args.data_path else ""))
         train_set, test_set, num_classes = load_data(args, world)
         self.train_loader, self.test_loader, self.bn_loader = utils.make_loaders(
             train_set, test_set, args.batch_size, args.num_workers, args.seed, device.type == "cuda", world)
@@ -391,7 +405,8 @@ class Training:
         # across data-parallel replicas and restored exactly on resume.
         noise = quantization.StepNoise(args.seed, rank=world.rank)
         quantizers, self.backend = build_quantizers(args, device, noise, world)
-        self.format_lines = [f"{kind:10}: {quantizers[kind] or 'full precision'}" for kind in quantization.NUMBER_KINDS]
+        self.format_lines = [f"{kind:10}: {quantizers[kind] or unquantized(kind)}"
+                             for kind in quantization.NUMBER_KINDS]
         print("\n".join(self.format_lines))
         self.sites = quantization.insert_quantizers(self.net, quantizers["activate"], quantizers["error"],
                                                     args.quant_placement)
@@ -415,6 +430,7 @@ class Training:
         self.epoch = 0
         self.epoch_totals = utils.new_epoch_totals()
         self.history = []
+        self.rows_printed = 0  # by this process: its first row, a resumed run's too, gets the header
 
     def accumulators(self):
         if self.optimizer.acc_quant is None:
@@ -640,7 +656,8 @@ class Training:
         self.epoch, self.epoch_totals = completed, utils.new_epoch_totals()
         print(utils.table_row([completed, lr, train_res["loss"], train_res["accuracy"], train_res["time"],
                                test_res["loss"], test_res["accuracy"], swa_res["loss"], swa_res["accuracy"],
-                               swa_n], epoch), flush=True)
+                               swa_n], epoch, header=self.rows_printed == 0), flush=True)
+        self.rows_printed += 1
         if self.schedule.c_steps and collected_at:
             print(f"     averaged after steps {', '.join(map(str, collected_at))}", flush=True)
         return record

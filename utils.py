@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import data_checks
+from digits import load_digits
 from distributed import ShardSampler, World, sum_across
 from seeding import mix_seed
 
-DATASETS = ("CIFAR10", "CIFAR100", "ImageNet")
+DATASETS = ("CIFAR10", "CIFAR100", "ImageNet", "digits")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +44,9 @@ def load_data(dataset, data_path):
     """(train set with augmentation, test set, number of classes)."""
     if dataset == "ImageNet":
         train_set, test_set = load_imagenet(data_path)
+        return train_set, test_set, len(train_set.classes)
+    if dataset == "digits":  # bundled with scikit-learn: no data_path
+        train_set, test_set = load_digits()
         return train_set, test_set, len(train_set.classes)
     train_set, test_set = load_cifar(dataset, data_path)
     return train_set, test_set, len(train_set.classes)
@@ -288,12 +292,13 @@ def evaluate(loader, model, device, description="eval", world=World()):
 
 # ---------------------------------------------------------------- logging
 
-def table_row(values, epoch):
+def table_row(values, epoch, header=False):
     """One line of the seed's per-epoch table, with the header before it on
-    the first epoch and every HEADER_EVERY epochs."""
+    the first epoch, every HEADER_EVERY epochs, and when `header` is set (the
+    first row a resumed run prints)."""
     table = tabulate.tabulate([values], TABLE_COLUMNS, tablefmt="simple", floatfmt="8.4f")
     lines = table.split("\n")
-    if epoch % HEADER_EVERY == 0:
+    if header or epoch % HEADER_EVERY == 0:
         return "\n".join([lines[1]] + lines)
     return lines[2]
 

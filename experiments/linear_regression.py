@@ -177,20 +177,26 @@ def plot(result):
     return figure
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=300_000)
-    parser.add_argument("--fl", type=int, nargs="+", default=[4, 6, 8], help="fractional lengths")
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=300_000, help="SGD steps per run")
+    parser.add_argument("--fl", type=int, nargs="+", default=[4, 6, 8],
+                        help="fractional lengths of the fixed-point formats (word length fl + 4)")
     parser.add_argument("--lr", type=float, default=0.01, help="constant learning rate")
     parser.add_argument("--swa_start", type=int, default=2000, help="iteration after which SWALP averages")
-    parser.add_argument("--features", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--features", type=int, default=32, help="dimension of the features and of w")
+    parser.add_argument("--samples", type=int, default=4096, help="training samples, drawn once")
     parser.add_argument("--noise", type=float, default=0.05, help="label noise standard deviation")
     parser.add_argument("--replicates", type=int, default=32, help="independent runs averaged per curve")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every run")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "linear_regression.png"),
                         help="the PNG; the JSON goes next to it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     began = time.time()
     result = run(args.fl, args.iterations, args.lr, args.swa_start, args.features, args.samples, args.noise,

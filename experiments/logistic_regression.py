@@ -218,20 +218,27 @@ def plot(result):
     return figure
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data_path", default="data", help="folder holding MNIST/ (else the digits are used)")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--wl", type=int, nargs="+", default=[4, 6, 8, 10, 12, 14, 16], help="word lengths")
+    parser.add_argument("--epochs", type=int, default=100, help="passes over the training set per run")
+    parser.add_argument("--wl", type=int, nargs="+", default=[4, 6, 8, 10, 12, 14, 16],
+                        help="word lengths of the fixed-point formats")
     parser.add_argument("--lr", type=float, default=2.0, help="constant learning rate")
     parser.add_argument("--wd", type=float, default=3e-4, help="L2 regularisation")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16, help="minibatch size")
     parser.add_argument("--swa_start", type=int, default=50, help="epochs before averaging starts")
     parser.add_argument("--replicates", type=int, default=16, help="independent runs averaged per number")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sample order and the rounding noise (the split is fixed)")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "logistic_regression.png"),
                         help="the PNG; the JSON goes next to it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     began = time.time()
     result = run(args.wl, args.epochs, args.lr, args.wd, args.batch_size, args.swa_start, args.replicates, args.seed,

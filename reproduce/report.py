@@ -14,7 +14,8 @@ convention); "SWA" the averaged model's after the last epoch.
     python reproduce/report.py runs/paper [--plots DIR]
 
 With --plots, one PNG per dataset and model: test error against epoch for
-SGD and SWA in each format (mean over seeds).
+SGD (thin, dashed) and SWA (wide, translucent, under it) in each format, one
+colour per format (mean over seeds).
 """
 
 import argparse
@@ -186,6 +187,38 @@ def curves(results_list, key):
     return epochs, [statistics.fmean(by_epoch[epoch]) for epoch in epochs]
 
 
+def error_limits(values):
+    """The y range of a test-error plot: the curves with a margin, within 0..100 %."""
+    low, high = min(values), max(values)
+    margin = max(0.05 * (high - low), 0.5)
+    return max(low - margin, 0.0), min(high + margin, 100.0)
+
+
+def error_figure(by_label, title, plt):
+    """Test error against epoch, one colour per format and recipe. The SWA
+    curve is wide and translucent, the SGD curve a thin dashed line drawn
+    over it, so where the two meet both stay visible."""
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = []
+    for index, (label, results) in enumerate(sorted(by_label.items())):
+        color = colors[index % len(colors)]
+        for key, name, style in (("swa_test", "SWA", dict(linestyle="-", linewidth=3, alpha=0.45, zorder=2)),
+                                 ("test", "SGD", dict(linestyle="--", linewidth=1.2, alpha=1.0, zorder=3))):
+            epochs, errors = curves(results, key)
+            if epochs:
+                axes.plot(epochs, errors, color=color, label=f"{name} {label} ({len(results)} seeds)", **style)
+                drawn += errors
+    if drawn:
+        axes.set_ylim(*error_limits(drawn))
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("test error %")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return figure
+
+
 def plot(finished, directory):
     """One PNG per dataset and model; returns their paths."""
     import matplotlib
@@ -196,20 +229,10 @@ def plot(finished, directory):
     os.makedirs(directory, exist_ok=True)
     paths = []
     for (dataset, model), by_label in sorted(curve_groups(finished).items()):
-        figure, axes = plt.subplots(figsize=(8, 4.5))
-        for label, results in sorted(by_label.items()):
-            for key, name, style in (("test", "SGD", "--"), ("swa_test", "SWA", "-")):
-                epochs, errors = curves(results, key)
-                if epochs:
-                    axes.plot(epochs, errors, style, label=f"{name} {label} ({len(results)} seeds)")
-        axes.set_xlabel("epoch")
-        axes.set_ylabel("test error %")
-        axes.set_title(f"{dataset} {model}")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        drawn = error_figure(by_label, f"{dataset} {model}", plt)
         path = os.path.join(directory, f"{dataset}-{model}.png")
-        figure.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(figure)
+        drawn.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(drawn)
         paths.append(path)
     return paths
 

@@ -2,12 +2,17 @@
 
 One full-precision run gives SGD-FP and SWA-FP, one 8-bit run SGD-LP and
 SWALP; `--formats` adds a low-precision run per number format (train.py's
---format: every number kind, accumulator included, in that format). Each
-(dataset, model, precision, seed) gets its own run directory
+--format: every number kind, accumulator included, in that format). The
+8-bit setting is the paper's table setting (`lp8`): every number in 8 bits
+including the gradient accumulator, with `--small-block FC`; it differs from
+`example.sh`, the seed's example command, which has no accumulator and
+blocks every tensor along dimension 0. Each (dataset, model, precision,
+seed) gets its own run directory
 `<out>/<dataset>-<model>-<precision>/seed<seed>`; finished runs are skipped
 and interrupted ones continue from their newest checkpoint (`--resume auto`),
 so the same command can be repeated until everything is done. With `--gpus`
-runs go side by side, one per GPU (CUDA_VISIBLE_DEVICES).
+runs go side by side, one per GPU (CUDA_VISIBLE_DEVICES). Paths are taken
+relative to the folder the runner is started from, whichever it is.
 
     python reproduce/run.py --data_path ./data --seeds 1 2 3 [--formats e4m3 mxfp8 ...] [--gpus 0,1,2,3]
         [--dry-run] [-- extra train.py flags]
@@ -60,6 +65,7 @@ def format_precision(spec):
 class Job:
     name: str
     run_dir: str
+    dataset: str
     command: list = field(default_factory=list)
 
     def status(self):
@@ -69,7 +75,8 @@ class Job:
             with open(os.path.join(self.run_dir, "results.json")) as handle:
                 return json.load(handle).get("status", "partial")
         except FileNotFoundError:
-            outputs = [name for name in os.listdir(self.run_dir) if name != ".runner.lock"] \
+            # Lock files say nothing of progress (train.py's stays after a kill -9).
+            outputs = [name for name in os.listdir(self.run_dir) if name not in (".runner.lock", ".train.lock")] \
                 if os.path.isdir(self.run_dir) else []
             return "partial" if outputs else "new"
         except (OSError, ValueError):
@@ -91,8 +98,10 @@ def make_jobs(args):
                                "--model", model, "--seed", str(seed), "--dir", run_dir, "--resume", "auto"]
                     for key, value in hyper.items():
                         command += [f"--{key}", str(value)]
+                    if args.keep_checkpoints:
+                        command += ["--keep_checkpoints", str(args.keep_checkpoints)]
                     command += precision_flags + args.extra
-                    jobs.append(Job(f"{name} seed {seed}", run_dir, command))
+                    jobs.append(Job(f"{name} seed {seed}", run_dir, dataset, command))
     return jobs
 
 
@@ -119,7 +128,22 @@ def _run_locked(job, gpu):
         at = command.index("--resume")
         command[at:at + 2] = ["--overwrite"]
     with open(os.path.join(job.run_dir, "train.log"), "a") as log:
-        return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def download_data(datasets, data_path):
+    """Read (and if needed download) each data set once, before runs start
+    side by side and would otherwise all download into the same folder;
+    returns an error message, or None."""
+    sys.path.insert(0, ROOT)
+    import utils
+
+    for dataset in datasets:
+        try:
+            utils.load_data(dataset, data_path)
+        except utils.UserError as error:
+            return str(error)
+    return None
 
 
 def run_jobs(jobs, gpus, start=launch, report=print):
@@ -164,8 +188,9 @@ def parse_args(argv=None):
         argv = argv[:argv.index("--")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Flags after -- go to every train.py command (and override its own).")
-    parser.add_argument("--data_path", required=True, help="passed to train.py")
-    parser.add_argument("--out", default=os.path.join("runs", "paper"), help="root of the run directories")
+    parser.add_argument("--data_path", required=True, help="passed to train.py (as an absolute path)")
+    parser.add_argument("--out", default=os.path.join("runs", "paper"),
+                        help="root of the run directories (default: runs/paper under the current folder)")
     parser.add_argument("--datasets", nargs="+", default=["CIFAR10", "CIFAR100"], choices=["CIFAR10", "CIFAR100"])
     parser.add_argument("--models", nargs="+", default=["VGG16"], choices=sorted(HYPERPARAMETERS))
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
@@ -174,8 +199,17 @@ def parse_args(argv=None):
                              f"e.g. e4m3 mxfp8 mxint8")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids to run on side by side, e.g. 0,1,2,3")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
+                        help="passed to train.py as --keep_checkpoints N: keep the newest N epoch checkpoints "
+                             "and the one at swa_start; 0 keeps all (default: 2)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped")
     args = parser.parse_args(argv)
+    if args.keep_checkpoints < 0:
+        parser.error(f"--keep-checkpoints {args.keep_checkpoints} must be 0 (keep all) or more")
+    # train.py runs in the runner's folder, but what is finished, train.log
+    # and the lock are decided in the run directories themselves: one
+    # absolute path for both, whatever folder the runner was started from.
+    args.out, args.data_path = os.path.abspath(args.out), os.path.abspath(args.data_path)
     args.extra = extra
     args.gpus = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()]
     return args
@@ -196,6 +230,10 @@ def main(argv=None):
     if args.dry_run or not todo:
         print(f"{len(todo)} of {len(jobs)} runs to do")
         return
+    error = download_data(sorted({job.dataset for job in todo}), args.data_path)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     failed = run_jobs(todo, args.gpus)
     print(f"{len(todo) - len(failed)} of {len(todo)} runs done (or running in another runner); "
           f"logs in <run dir>/train.log")

@@ -19,9 +19,9 @@ TINY = ["--", "--model", "PreResNet20", "--epochs", "2", "--swa_start", "1", "--
         "--num_workers", "0"]
 
 
-def reproduce(script, *args, env=None):
+def reproduce(script, *args, env=None, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "reproduce", script), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_dry_run_prints_the_papers_commands(tmp_path):
@@ -43,15 +43,18 @@ def test_dry_run_prints_the_papers_commands(tmp_path):
     assert any(line.startswith("continue: ") and "CIFAR100-VGG16-lp8/seed1" in line for line in again.splitlines())
     lp = next(c for c in commands if "CIFAR100-VGG16-lp8/seed1" in c)
     for flag in ("--epochs 300", "--lr_init 0.05", "--swa_start 200", "--swa_lr 0.01", "--wd 0.0005",
-                 "--wl-weight 8", "--wl-acc 8", "--wl-momentum 8", "--resume auto", "--seed 1"):
+                 "--wl-weight 8", "--wl-acc 8", "--wl-momentum 8", "--resume auto", "--seed 1",
+                 "--keep_checkpoints 2", f"--data_path {ROOT}/data ", f"--dir {out}/CIFAR100-VGG16-lp8/seed1 "):
         assert flag in lp, flag
     fp = next(c for c in commands if "CIFAR10-VGG16-fp/seed1" in c)
     assert "--wl-" not in fp
     assert not (out / "CIFAR10-VGG16-fp" / "seed1").exists()  # a dry run creates nothing
+    keep_all = reproduce("run.py", "--data_path", "data", "--out", out, "--keep-checkpoints", 0, "--dry-run").stdout
+    assert "run: " in keep_all and "--keep_checkpoints" not in keep_all
 
 
 def test_runs_on_several_gpus_side_by_side_but_one_per_gpu():
-    jobs = [runner.Job(f"job{i}", f"/nonexistent/{i}") for i in range(6)]
+    jobs = [runner.Job(f"job{i}", f"/nonexistent/{i}", "CIFAR10") for i in range(6)]
     spans, lock = [], threading.Lock()
 
     def fake_launch(job, gpu):
@@ -80,9 +83,10 @@ def test_a_run_that_cannot_start_or_is_running_elsewhere(tmp_path):
         raise OSError("no such directory")
 
     lines = []
-    failed = runner.run_jobs([runner.Job("broken", str(tmp_path / "x"))], [], start=broken, report=lines.append)
+    broken_job = runner.Job("broken", str(tmp_path / "x"), "CIFAR10")
+    failed = runner.run_jobs([broken_job], [], start=broken, report=lines.append)
     assert [job.name for job in failed] == ["broken"] and "FAILED (OSError: no such directory): broken" in lines
-    busy = runner.Job("busy", str(tmp_path / "busy"), ["false", "--resume", "auto"])
+    busy = runner.Job("busy", str(tmp_path / "busy"), "CIFAR10", command=["false", "--resume", "auto"])
     (tmp_path / "busy").mkdir()
     with open(tmp_path / "busy" / ".runner.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -91,13 +95,23 @@ def test_a_run_that_cannot_start_or_is_running_elsewhere(tmp_path):
     assert lines[-1] == "FAILED (exit 1): busy"
 
 
-def test_runner_then_report_on_short_real_runs(fake_cifar_env, cifar_root, tmp_path):
+def test_runner_then_report_on_short_real_runs_from_another_folder(fake_cifar_env, cifar_root, tmp_path):
+    """Started outside the repository with relative paths, the runner, its
+    dry run and the report all find the same run directories."""
     out = tmp_path / "paper"
-    args = ["--data_path", cifar_root, "--out", out, "--datasets", "CIFAR10", "--seeds", 1, 2, *TINY]
-    result = reproduce("run.py", *args, env=fake_cifar_env)
+    args = ["--data_path", os.path.relpath(cifar_root, tmp_path), "--out", "paper", "--datasets", "CIFAR10",
+            "--seeds", 1, 2, "--keep-checkpoints", 1, *TINY]
+    result = reproduce("run.py", *args, env=fake_cifar_env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 of 4 runs done" in result.stdout
-    again = reproduce("run.py", *args, env=fake_cifar_env)
+    run_dir = out / "CIFAR10-VGG16-lp8" / "seed1"
+    assert {"train.log", ".runner.lock", "results.json"} <= set(os.listdir(run_dir))  # all in one place
+    # train.py took --keep_checkpoints 1: the newest epoch checkpoint, and the one at swa_start (1).
+    assert sorted(name for name in os.listdir(run_dir) if name.startswith("checkpoint")) == [
+        "checkpoint-1.pt", "checkpoint-2.pt"]
+    dry = reproduce("run.py", *args[:-len(TINY)], "--dry-run", cwd=tmp_path)
+    assert dry.stdout.count("skip (finished)") == 4 and "0 of 4 runs to do" in dry.stdout, dry.stdout
+    again = reproduce("run.py", *args, env=fake_cifar_env, cwd=tmp_path)
     assert again.stdout.count("skip (finished)") == 4 and "0 of 4 runs to do" in again.stdout
 
     results = {(precision, seed): json.loads((out / f"CIFAR10-VGG16-{precision}" / f"seed{seed}" /
@@ -105,7 +119,7 @@ def test_runner_then_report_on_short_real_runs(fake_cifar_env, cifar_root, tmp_p
                for precision in ("fp", "lp8") for seed in (1, 2)}
     assert results[("lp8", 1)]["config"]["wl_acc"] == 8 and results[("fp", 1)]["config"]["wl_weight"] == -1
 
-    printed = reproduce("report.py", out, "--plots", tmp_path / "plots")
+    printed = reproduce("report.py", "paper", "--plots", "plots", cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     row = next(line for line in printed.stdout.splitlines() if line.startswith("| CIFAR10 | PreResNet20"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -184,3 +198,42 @@ def test_report_gives_each_format_its_own_row():
     assert "32.00 ± 1.41 (2)" in rows["e4m3"] and "29.00 ± 1.41 (2)" in rows["e4m3"]
     assert "29.00 (1) |" in rows["mxfp8e4m3"] and "[paper 29.59" not in rows["mxfp8e4m3"]
     assert "27.00 (1) [paper 27.23 ± 0.17]" in rows["mxfp8e4m3"]  # the FP run fills every row's FP cells
+
+
+def test_data_is_fetched_once_before_any_run_starts(fake_cifar_env, tmp_path):
+    """Runs side by side would all download into one folder: the runner
+    reads the data first, and stops with one line when it cannot."""
+    result = reproduce("run.py", "--data_path", tmp_path / "empty", "--out", tmp_path / "paper", "--gpus", "0,1",
+                       "--datasets", "CIFAR100", "--seeds", 1, env=fake_cifar_env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: CIFAR100 files in ") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "paper").exists()
+
+
+def test_plot_shows_sgd_and_swa_apart_within_0_to_100_percent():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(sgd, swa):
+        run = fake_run(8, 1, sgd[-1], swa[-1])[1]
+        run["epochs"] = [{"epoch": epoch, "test_accuracy": 100 - sgd_error,
+                          "swa_test_accuracy": None if swa_error is None else 100 - swa_error}
+                         for epoch, (sgd_error, swa_error) in enumerate(zip(sgd, swa), 1)]
+        return [run]
+
+    by_label = {"8-bit": curve([99.9, 60.0, 40.0], [None, 40.0, 39.0]),
+                "fp": curve([99.0, 50.0, 0.2], [None, 0.2, 0.1])}
+    figure = report.error_figure(by_label, "CIFAR100 VGG16", plt)
+    axes = figure.axes[0]
+    assert axes.get_ylim() == (0.0, 100.0)  # clamped: the margins would leave 0..100 %
+    lines = {tuple(line.get_label().split()[:2]): line for line in axes.lines}
+    for label in ("8-bit", "fp"):
+        sgd, swa = lines[("SGD", label)], lines[("SWA", label)]
+        assert sgd.get_color() == swa.get_color() and sgd.get_linestyle() != swa.get_linestyle()
+        assert sgd.get_zorder() > swa.get_zorder() and swa.get_alpha() < 1  # SGD drawn over a see-through SWA
+        assert swa.get_linewidth() > sgd.get_linewidth()  # and SWA still shows on both sides of it
+    assert lines[("SGD", "8-bit")].get_color() != lines[("SGD", "fp")].get_color()
+    plt.close(figure)
+    assert report.error_limits([20.0, 30.0]) == (19.5, 30.5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import utils
 from grid import on_block_grid
 
 from runs import EIGHT_BIT, LOW_PRECISION_RUN, SMALL, assert_same_run, table_rows
@@ -107,6 +108,9 @@ def test_resumed_low_precision_run_matches_the_uninterrupted_one(run_train, low_
     assert result.returncode == 0, result.stderr
     assert "Resumed from" in result.stdout
     assert [int(row[0]) for row in table_rows(result.stdout)] == [3, 4]
+    lines = result.stdout.splitlines()
+    first_row = next(i for i, line in enumerate(lines) if line.split()[:1] == ["3"])
+    assert lines[first_row - 2].split() == utils.TABLE_COLUMNS  # the header comes before the first row
     assert_same_run(low_precision_run, resumed, epochs=4)
 
 

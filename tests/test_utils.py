@@ -70,6 +70,7 @@ def test_table_reprints_its_header_every_40_epochs():
     assert utils.table_row(values, 0).splitlines()[1].split() == utils.TABLE_COLUMNS
     assert len(utils.table_row(values, 1).splitlines()) == 1
     assert len(utils.table_row(values, 40).splitlines()) == 4
+    assert utils.table_row(values, 7, header=True).splitlines()[1].split() == utils.TABLE_COLUMNS
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):

@@ -1,0 +1,49 @@
+"""Help texts and the README say what the code does."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import train
+from experiments import linear_regression, logistic_regression
+from runs import ROOT
+
+
+def option_blocks(help_text):
+    """{option: its help text} from argparse's --help output."""
+    blocks, current = {}, None
+    for line in help_text.splitlines():
+        match = re.match(r"  (--[\w-]+)", line)
+        if match:
+            current = match[1]
+            blocks[current] = ""
+        if current and (match or line.startswith("    ")):
+            blocks[current] += " " + line.strip()
+        elif not line.strip():
+            current = None
+    return blocks
+
+
+@pytest.mark.parametrize("experiment", [linear_regression, logistic_regression])
+def test_convex_experiments_help_every_option_with_its_default(experiment):
+    script = os.path.join(ROOT, "experiments", f"{experiment.__name__.split('.')[-1]}.py")
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    blocks = option_blocks(result.stdout)
+    options = [action for action in experiment.build_parser()._actions if action.dest != "help"]
+    assert options and set(blocks) >= {action.option_strings[0] for action in options}
+    for action in options:
+        block = blocks[action.option_strings[0]]
+        assert re.search(r"\S \(default: ", block), (action.option_strings[0], block)  # a text, then the default
+        assert f"(default: {action.default})".replace(" ", "") in block.replace(" ", "")
+
+
+def test_no_accumulator_is_described_alike_in_help_startup_and_readme():
+    meaning = train.unquantized("acc")
+    assert f"-1: {meaning}" in " ".join(train.build_parser().format_help().split())
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        row = next(line for line in handle if line.startswith("| `--wl-acc`"))
+    assert f"-1: {meaning}" in row
