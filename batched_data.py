@@ -167,7 +167,8 @@ class BatchedLoader:
         data, augmentation = self.dataset, self.dataset.augmentation
         first_step = getattr(self.sampler, "start", 0) // self.batch_size
         order = torch.as_tensor(list(self.sampler), dtype=torch.int64).to(data.images.device)
-        for step, indices in enumerate(order.split(self.batch_size), start=first_step):
+        for step, first in enumerate(range(0, len(order), self.batch_size), start=first_step):
+            indices = order[first:first + self.batch_size]
             images = data.images[indices]
             if augmentation.random:
                 self.generator.manual_seed(mix_seed(data.seed, data.epoch, self.rank, step))

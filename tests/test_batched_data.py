@@ -93,6 +93,8 @@ def test_training_batches_follow_the_samplers_order_and_depend_only_on_seed_epoc
     utils.set_epoch(train_loader, 3, start_step=2)
     tail = batches(train_loader)
     assert len(tail) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(whole[2:], tail))
+    utils.set_epoch(train_loader, 3, start_step=5)
+    assert batches(train_loader) == []  # stopped after the epoch's last step
     utils.set_epoch(train_loader, 4)
     assert not torch.equal(batches(train_loader)[0][0], whole[0][0])
     _, _, (other_seed, _, _) = cifar_loaders(cifar_in_process, seed=5)
