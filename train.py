@@ -172,8 +172,10 @@ def build_parser():
 # a global batch of 256, i.e. 8 processes of 32) with the SWA phase's 10 last
 # epochs at a low constant rate.
 DATASET_DEFAULTS = {
-    "CIFAR10": {"loader": "batched", "batch_size": 128, "epochs": 300, "lr_init": 0.05, "wd": 1e-4, "swa_start": 200, "swa_lr": 0.01},
-    "ImageNet": {"loader": "torchvision", "batch_size": 32, "epochs": 90, "lr_init": 0.1, "wd": 1e-4, "swa_start": 80, "swa_lr": 0.001},
+    "CIFAR10": {"batch_size": 128, "epochs": 300, "lr_init": 0.05, "wd": 1e-4, "swa_start": 200, "swa_lr": 0.01,
+                "loader": "batched"},
+    "ImageNet": {"batch_size": 32, "epochs": 90, "lr_init": 0.1, "wd": 1e-4, "swa_start": 80, "swa_lr": 0.001,
+                 "loader": "torchvision"},
 }
 DATASET_DEFAULTS["CIFAR100"] = DATASET_DEFAULTS["CIFAR10"]
 
@@ -312,9 +314,9 @@ def build_quantizers(args, device, noise, world=distributed.World()):
 
 # Flags a resumed run must share with its checkpoint: they shape the state or
 # the randomness, the data order or the schedule it continues.
-STATE_DEFINING = ("dataset", "loader", "model", "batch_size", "seed", "lr_init", "momentum", "wd", "swa_start", "swa_lr",
+STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum", "wd", "swa_start", "swa_lr",
                   "swa_c_epochs", "swa_c_steps", "swa_schedule", "swa_lr_max", "swa_cycle_steps", "rounding",
-                  "small_block", "block_dim", "quant_placement") + tuple(
+                  "small_block", "block_dim", "quant_placement", "loader") + tuple(
     f"wl_{kind}" for kind in quantization.NUMBER_KINDS)
 # What checkpoints written before a flag existed ran with.
 FLAG_BEFORE_CHECKPOINTS_SAVED_IT = {"loader": "torchvision"}

@@ -152,9 +152,10 @@ def test_a_device_without_room_for_the_data_ends_the_run_in_one_line(cifar_in_pr
 
 
 def test_imagenet_keeps_the_per_sample_path(capsys):
-    assert train.parse_args(["--dataset", "ImageNet", "--data_path", "x", "--model", "ResNet18"]).loader == "torchvision"
+    imagenet = ["--dataset", "ImageNet", "--data_path", "x", "--model", "ResNet18"]
+    assert train.parse_args(imagenet).loader == "torchvision"
     assert train.parse_args(["--data_path", "x", "--model", "VGG16"]).loader == "batched"
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(["--dataset", "ImageNet", "--data_path", "x", "--model", "ResNet18", "--loader", "batched"])
+        train.parse_args([*imagenet, "--loader", "batched"])
     assert exit_info.value.code == 2
     assert "use --loader torchvision with --dataset ImageNet" in capsys.readouterr().err

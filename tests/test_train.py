@@ -127,7 +127,7 @@ def test_help_explains_every_flag(run_train):
                  "--lr_init", "--wd", "--seed", "--wl-weight", "--wl-activate", "--wl-grad", "--wl-error",
                  "--wl-momentum", "--wl-acc", "--rounding", "--quant-type", "--small-block", "--block-dim",
                  "--quant-placement", "--dir", "--num_workers", "--momentum", "--save_freq", "--eval_freq",
-                 "--swa_c_epochs", "--resume", "--device", "--overwrite"):
+                 "--swa_c_epochs", "--resume", "--device", "--overwrite", "--loader"):
         assert flag in result.stdout, flag
 
 
