@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+import batched_data
 import checkpoints
 import distributed
 import formats
@@ -103,8 +104,13 @@ def build_parser():
                            "folder of images per class; digits: not needed (required for the others)")
     data.add_argument("--batch_size", type=positive(int), default=None, metavar="N",
                       help="input batch size per process (default: 128; ImageNet: 32)")
+    data.add_argument("--loader", default=None, choices=("batched", "torchvision"),
+                      help="batched: the data set held on the training device, each batch augmented with "
+                           "tensor operations (CIFAR only); torchvision: per-sample PIL transforms in "
+                           "--num_workers processes (default: batched; ImageNet: torchvision)")
     data.add_argument("--num_workers", type=non_negative_int, default=4, metavar="N",
-                      help="data loading processes (default: 4; 0 loads in the main process)")
+                      help="data loading processes of --loader torchvision (default: 4; 0 loads in the "
+                           "main process)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--model", required=True, choices=sorted(models.MODELS), metavar="MODEL",
@@ -209,14 +215,16 @@ def build_parser():
 # a global batch of 256, i.e. 8 processes of 32) with the SWA phase's 10 last
 # epochs at a low constant rate.
 DATASET_DEFAULTS = {
-    "CIFAR10": {"batch_size": 128, "epochs": 300, "lr_init": 0.05, "wd": 1e-4, "swa_start": 200, "swa_lr": 0.01},
-    "ImageNet": {"batch_size": 32, "epochs": 90, "lr_init": 0.1, "wd": 1e-4, "swa_start": 80, "swa_lr": 0.001},
+    "CIFAR10": {"batch_size": 128, "epochs": 300, "lr_init": 0.05, "wd": 1e-4, "swa_start": 200, "swa_lr": 0.01,
+                "loader": "batched"},
+    "ImageNet": {"batch_size": 32, "epochs": 90, "lr_init": 0.1, "wd": 1e-4, "swa_start": 80, "swa_lr": 0.001,
+                 "loader": "torchvision"},
 }
 DATASET_DEFAULTS["CIFAR100"] = DATASET_DEFAULTS["CIFAR10"]
 # digits: a CPU quick start (see experiments/digits_quickstart.py), a few
 # hundred steps with the smallest CIFAR model, PreResNet20.
 DATASET_DEFAULTS["digits"] = {"batch_size": 32, "epochs": 6, "lr_init": 0.05, "wd": 5e-4, "swa_start": 4,
-                              "swa_lr": 0.01}
+                              "swa_lr": 0.01, "loader": "torchvision"}
 
 
 def parse_args(argv=None):
@@ -233,6 +241,9 @@ def parse_args(argv=None):
         parser.error(f"--model {args.model} is for {'CIFAR' if imagenet else 'ImageNet'}; use "
                      + (", ".join(models.IMAGENET_MODELS) if imagenet else "a CIFAR model") +
                      f" with --dataset {args.dataset}")
+    if imagenet and args.loader == "batched":
+        parser.error("--loader batched needs a data set held in memory (CIFAR); use --loader torchvision "
+                     "with --dataset ImageNet")
     idle = idle_flag(args, parser)
     if idle:
         parser.error(idle)
@@ -338,7 +349,7 @@ def build_quantizers(args, device, noise, world=distributed.World()):
 # the randomness, the data order or the schedule it continues.
 STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum", "wd", "swa_start", "swa_lr",
                   "swa_c_epochs", "swa_c_steps", "swa_schedule", "swa_lr_max", "swa_cycle_steps", "rounding",
-                  "small_block", "block_dim", "quant_placement") + tuple(
+                  "small_block", "block_dim", "quant_placement", "loader") + tuple(
     f"{flag}_{kind}" for flag in ("wl", "format") for kind in quantization.NUMBER_KINDS)
 
 
@@ -394,8 +405,12 @@ class Training:
         self.args, self.device, self.run_dir, self.world = args, device, run_dir, world
         print(f"Loading dataset {args.dataset}" + (f" from {args.data_path}" if args.data_path else ""))
         train_set, test_set, num_classes = load_data(args, world)
-        self.train_loader, self.test_loader, self.bn_loader = utils.make_loaders(
-            train_set, test_set, args.batch_size, args.num_workers, args.seed, device.type == "cuda", world)
+        if args.loader == "batched":
+            loaders = batched_data.make_loaders(train_set, test_set, args.batch_size, args.seed, device, world)
+        else:
+            loaders = utils.make_loaders(train_set, test_set, args.batch_size, args.num_workers, args.seed,
+                                         device.type == "cuda", world)
+        self.train_loader, self.test_loader, self.bn_loader = loaders
 
         self.net = models.build_model(args.model, num_classes).to(device)
         # The average is a deep copy of the plain network, taken before quantizers
@@ -482,8 +497,9 @@ class Training:
         if not isinstance(saved, dict):
             raise UserError(f"checkpoint {path} is malformed: config must be a dict, found {type(saved).__name__}")
         for key in STATE_DEFINING:
-            if saved.get(key) != getattr(self.args, key):
-                raise UserError(f"checkpoint {path} was written with {flag_name(key)} {saved.get(key)}, "
+            value = saved.get(key)
+            if value != getattr(self.args, key):
+                raise UserError(f"checkpoint {path} was written with {flag_name(key)} {value}, "
                                 f"this run has {getattr(self.args, key)}; resume with the same flags")
         try:
             checkpoints.check_structure(

@@ -133,7 +133,7 @@ def test_help_explains_every_flag(train_in_process):
                  "--wl-momentum", "--wl-acc", "--rounding", "--quant-type", "--small-block", "--block-dim",
                  "--quant-placement", "--dir", "--num_workers", "--momentum", "--save_freq", "--eval_freq",
                  "--swa_c_epochs", "--resume", "--device", "--overwrite", "--format", "--format-weight",
-                 "--keep_checkpoints", "--deterministic"):
+                 "--keep_checkpoints", "--deterministic", "--loader"):
         assert flag in stdout, flag
 
 
