@@ -8,7 +8,9 @@
 # swa_lr 0.001, weight decay 1e-4.
 # DATA_PATH (default ./imagenet) holds train/ and val/ with a folder per class;
 # NPROC (default: every visible GPU, else 1) processes; extra arguments go to
-# train.py, e.g. `bash example_imagenet.sh --epochs 1 --resume auto`.
+# train.py and override these, e.g. a one-epoch trial in its own directory
+# (add --resume auto to continue it after a stop):
+#   bash example_imagenet.sh --epochs 1 --swa_start 1 --dir runs/imagenet-trial
 set -euo pipefail
 cd "$(dirname "$0")"
 

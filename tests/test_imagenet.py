@@ -86,9 +86,12 @@ def test_a_cifar_model_on_imagenet_is_refused(run_train, tmp_path):
 def test_example_imagenet_sh_runs_through_torchrun(fake_cifar_env, imagenet_root, tmp_path):
     run_dir = tmp_path / "example"
     env = dict(fake_cifar_env, DATA_PATH=str(imagenet_root), NPROC="2", OMP_NUM_THREADS="1")
+    with open(os.path.join(ROOT, "example_imagenet.sh")) as handle:
+        example = next(line[1:].split() for line in handle if line.startswith("#   bash example_imagenet.sh "))
+    # The header's example, with a batch the tiny images allow and the test's own directory.
     result = subprocess.run(
-        ["bash", os.path.join(ROOT, "example_imagenet.sh"), "--epochs", "1", "--swa_start", "1",
-         "--batch_size", "2", "--num_workers", "0", "--dir", str(run_dir)],
+        ["bash", os.path.join(ROOT, "example_imagenet.sh"), *example[2:], "--batch_size", "2", "--num_workers", "0",
+         "--dir", str(run_dir)],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((run_dir / "results.json").read_text())["config"]
