@@ -267,8 +267,8 @@ def idle_flag(args, parser):
             if given(key):
                 return f"{flag_name(key)} applies only to --swa_schedule cyclic"
     if given("swa_c_epochs") and (args.swa_c_steps or args.swa_schedule == "cyclic"):
-        return (f"--swa_c_epochs does nothing when averaging every --swa_c_steps iterations "
-                f"(or every cycle of the cyclic schedule); pass one of them")
+        return ("--swa_c_epochs does nothing when averaging every --swa_c_steps iterations "
+                "(or every cycle of the cyclic schedule); pass one of them")
     if args.momentum == 0 and (args.wl_momentum not in (None, -1) or args.format_momentum):
         flag = "--wl-momentum" if args.wl_momentum not in (None, -1) else "--format-momentum"
         return f"{flag} does nothing with --momentum 0 (there are no momentum buffers)"
