@@ -34,10 +34,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-import models  # noqa: E402
 import formats  # noqa: E402
 import quantization  # noqa: E402
-from quantization_speed import median_seconds, synchronize  # noqa: E402
+from quantization_speed import median_seconds, synchronize, training_step  # noqa: E402
 
 CONFIGS = ("fp", "torch", "triton", "qtorch")
 # Top-level operations that only allocate or make views: no kernel on a GPU.
@@ -48,32 +47,6 @@ NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::vi
 
 def interpreted(config, device):
     return config == "triton" and device.type != "cuda"
-
-
-def training_step(config, device, batch_size):
-    """A closure running one VGG16 training step in `config`, and its backend."""
-    torch.manual_seed(0)
-    net = models.build_model("VGG16", num_classes=10).to(device)
-    noise = quantization.StepNoise(0)
-    backend = None
-    if config == "fp":
-        quantizers = dict.fromkeys(quantization.NUMBER_KINDS)
-    else:
-        backend, _ = quantization.select_backend(config, device)
-        lengths = dict.fromkeys(quantization.NUMBER_KINDS, 8)
-        lengths["acc"] = -1
-        quantizers = quantization.build_quantizers(lengths, "stochastic", backend=backend, noise=noise)
-        quantization.insert_quantizers(net, quantizers["activate"], quantizers["error"], "layer")
-    optimizer = quantization.make_optimizer(net, quantizers, 0.05, 0.9, 5e-4, noise)
-    inputs = torch.randn(batch_size, 3, 32, 32, device=device)
-    targets = torch.randint(0, 10, (batch_size,), device=device)
-
-    def step():
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(net(inputs), targets).backward()
-        optimizer.step()
-
-    return step, backend, noise
 
 
 def count_step(step, device):

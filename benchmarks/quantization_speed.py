@@ -81,16 +81,18 @@ def kernel_table(device, repeats):
     return rows
 
 
-def step_config(name, device, batch_size, steps):
-    """Seconds per VGG16 training step and peak memory for one configuration
-    (run in a child process)."""
+def training_step(config, device, batch_size):
+    """A closure running one VGG16 training step on synthetic CIFAR-size data
+    in `config` (fp, or a --quant-backend name for 8 bits everywhere but the
+    accumulator), its backend and its noise."""
     torch.manual_seed(0)
     net = models.build_model("VGG16", num_classes=10).to(device)
     noise = quantization.StepNoise(0)
-    if name == "fp":
+    backend = None
+    if config == "fp":
         quantizers = dict.fromkeys(quantization.NUMBER_KINDS)
     else:
-        backend = quantization.TORCH_BACKEND if name == "torch" else quantization.load_qtorch_backend()
+        backend, _ = quantization.select_backend(config, device)
         lengths = dict.fromkeys(quantization.NUMBER_KINDS, 8)
         lengths["acc"] = -1
         quantizers = quantization.build_quantizers(lengths, "stochastic", backend=backend, noise=noise)
@@ -104,6 +106,13 @@ def step_config(name, device, batch_size, steps):
         torch.nn.functional.cross_entropy(net(inputs), targets).backward()
         optimizer.step()
 
+    return step, backend, noise
+
+
+def step_config(name, device, batch_size, steps):
+    """Seconds per VGG16 training step and peak memory for one configuration
+    (run in a child process)."""
+    step, _, _ = training_step(name, device, batch_size)
     seconds = median_seconds(step, device, steps)
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
