@@ -1,9 +1,10 @@
-"""What both convex experiments need: one thread, and writing their results."""
+"""What the convex experiments share: one thread, and reporting their results."""
 
 import contextlib
 import json
 import os
 
+import tabulate
 import torch
 
 
@@ -18,6 +19,14 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def report(rows, floatfmt, figure, args, seconds, **results):
+    """Print the table of `rows`, then write the figure to args.out and the
+    arguments, run time, table and `results` as JSON next to it."""
+    print(tabulate.tabulate(rows, headers="keys", floatfmt=floatfmt, missingval="-"))
+    json_path = save(figure, args.out, {"arguments": vars(args), "seconds": seconds, "table": rows, **results})
+    print(f"wrote {args.out} and {json_path}")
 
 
 def save(figure, png_path, payload):

@@ -25,7 +25,6 @@ import re
 import sys
 import time
 
-import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -146,10 +145,7 @@ def main(argv=None):
     print(f"{result['dataset']} ({result['train_size']} train), wd {args.wd}, lr {args.lr}, {args.epochs} epochs, "
           f"averaging from epoch {args.swa_start}, mean of {args.replicates} runs ({seconds:.0f} s)")
     print("loss: final training objective; excess: loss - optimum; row float32: SGD-FP and SWA-FP")
-    print(tabulate.tabulate(rows, headers="keys", floatfmt=".4f", missingval="-"))
-    json_path = common.save(plot(result), args.out,
-                            {"arguments": vars(args), "seconds": seconds, "table": rows, "result": result})
-    print(f"wrote {args.out} and {json_path}")
+    common.report(rows, ".4f", plot(result), args, seconds, result=result)
     return result, rows
 
 

@@ -30,7 +30,6 @@ import os
 import sys
 import time
 
-import tabulate
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -206,11 +205,7 @@ def main(argv=None):
 
     print(f"||w - w*||^2, mean of {args.replicates} runs; initial {result['initial']:.3g}; "
           f"fixed point wl = fl + {INTEGER_BITS}, lr {args.lr}, {args.iterations} iterations ({seconds:.0f} s)")
-    print(tabulate.tabulate(rows, headers="keys", floatfmt=".3g", missingval="-"))
-
-    json_path = common.save(plot(result), args.out,
-                            {"arguments": vars(args), "seconds": seconds, "table": rows, "curves": result})
-    print(f"wrote {args.out} and {json_path}")
+    common.report(rows, ".3g", plot(result), args, seconds, curves=result)
     return result, rows
 
 

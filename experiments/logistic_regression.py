@@ -39,7 +39,6 @@ import os
 import sys
 import time
 
-import tabulate
 import torch
 import torch.nn.functional as F
 
@@ -250,11 +249,7 @@ def main(argv=None):
           f"lr {args.lr}, {args.epochs} epochs, mean of {args.replicates} runs ({seconds:.0f} s)")
     print(f"rows wl: SGD-LP and SWALP, fixed point with {result['integer_bits']} integer bits; "
           "row float32: SGD-FP and SWA-FP; loss: training objective")
-    print(tabulate.tabulate(rows, headers="keys", floatfmt=".4f", missingval="-"))
-
-    json_path = common.save(plot(result), args.out,
-                            {"arguments": vars(args), "seconds": seconds, "table": rows, "result": result})
-    print(f"wrote {args.out} and {json_path}")
+    common.report(rows, ".4f", plot(result), args, seconds, result=result)
     return result, rows
 
 
