@@ -23,6 +23,7 @@ attributes the training loop uses from torch's DataLoader: `sampler`,
 `batch_size`, `dataset` (with `set_epoch`), `generator` and `len`.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -107,8 +108,10 @@ def augment(images, top, left, flip, augmentation):
                   + ((top.to(device)[:, None] + torch.arange(height, device=device)) * padded_width)[:, None, :])
     windows = padded.view(-1).unfold(0, width, 1)
     cropped = windows.index_select(0, row_starts.view(-1)).view(batch, channels, height, width)
-    flip = flip.to(device)
-    cropped[flip] = cropped[flip].flip(3)
+    # Indices of the flipped images, found on the host where `flip` was
+    # drawn: a boolean mask on a GPU would make it wait for the GPU each batch.
+    flipped = flip.nonzero().squeeze(1).to(device)
+    cropped[flipped] = cropped[flipped].flip(3)
     return normalise(cropped, augmentation)
 
 
@@ -118,9 +121,15 @@ def normalise(images, augmentation):
     images = images.float().div(255)
     if augmentation.mean is None:
         return images
-    mean = torch.tensor(augmentation.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(augmentation.std, device=images.device).view(1, -1, 1, 1)
-    return images.sub_(mean).div_(std)
+    return images.sub_(per_channel(augmentation.mean, images.device)).div_(per_channel(augmentation.std,
+                                                                                        images.device))
+
+
+@functools.lru_cache(maxsize=None)
+def per_channel(values, device):
+    """`values` as a 1 x C x 1 x 1 tensor on `device`, built once rather than
+    copied to the device every batch."""
+    return torch.tensor(values, device=device).view(1, -1, 1, 1)
 
 
 class DeviceImages:

@@ -235,9 +235,6 @@ def newest_good_checkpoint(directory, besides=None):
 def load_checkpoint(path):
     """A checkpoint's dict, loaded with weights_only=True and verified; a
     damaged one is a UserError naming the newest good one to resume from."""
-    if os.path.isdir(path):
-        raise UserError(f"--resume {path} is a directory; pass one of its checkpoint files "
-                        f"(checkpoint-<epoch>.pt), or --resume auto with --dir {path}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; pass a checkpoint-<epoch>.pt file or auto to --resume")
     try:
@@ -305,7 +302,7 @@ def check_structure(checkpoint, model_state, swa_state, parameter_shapes, accumu
     accumulators, and the keys of its epoch totals."""
     for key, minimum in (("epoch", 0), ("step", 0), ("noise_step", 0), ("world_size", 1)):
         _check_count(checkpoint, key, minimum)
-    for key, kind in (("config", dict), ("history", list), ("epoch_totals", dict), ("rng", list),
+    for key, kind in (("history", list), ("epoch_totals", dict), ("rng", list),
                       ("weight_acc", list), ("optimizer_state", dict)):
         if not isinstance(checkpoint[key], kind):
             raise Rejected(f"{key} must be a {kind.__name__}, found {type(checkpoint[key]).__name__}")

@@ -95,8 +95,7 @@ def load_qtorch_backend():
     try:
         from qtorch.quant import block_quantize, fixed_point_quantize, float_quantize
     except Exception as error:  # a failed build raises anything from ImportError to CalledProcessError
-        message = str(error).strip().splitlines()
-        raise BackendUnavailable(message[0] if message else type(error).__name__) from None
+        raise BackendUnavailable(_first_line(error)) from None
 
     def block(x, wl, dim=-1, rounding="stochastic", generator=None, inplace=False):
         return block_quantize(x, wl, dim, rounding)

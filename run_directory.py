@@ -15,7 +15,7 @@ import os
 import socket
 
 from checkpoints import list_checkpoints
-from utils import UserError
+from utils import UserError, remove_quietly
 
 LOCK_NAME = ".train.lock"
 PARTIAL_WRITES = ("results.json.tmp", "checkpoint-*.pt.tmp")
@@ -86,10 +86,7 @@ class RunLock:
     def release(self):
         if self.handle is None:
             return
-        try:
-            os.remove(self.path)
-        except OSError:
-            pass  # the directory may be gone; the lock ends with the handle anyway
+        remove_quietly(self.path)  # the directory may be gone; the lock ends with the handle anyway
         self.handle.close()
         self.handle = None
 

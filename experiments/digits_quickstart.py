@@ -27,13 +27,7 @@ import tabulate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-
-# The paper's table setting, as reproduce/run.py's `lp8`.
-PRECISIONS = {
-    "fp": [],
-    "lp8": ["--wl-weight", "8", "--wl-activate", "8", "--wl-grad", "8", "--wl-error", "8", "--wl-momentum", "8",
-            "--wl-acc", "8", "--rounding", "stochastic", "--small-block", "FC"],
-}
+from reproduce.run import PRECISIONS  # noqa: E402  (fp, and the paper's table setting lp8)
 COLUMNS = {("fp", "sgd_error"): "SGD-FP", ("fp", "swa_error"): "SWA-FP",
            ("lp8", "sgd_error"): "SGD-LP", ("lp8", "swa_error"): "SWALP"}
 

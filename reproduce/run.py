@@ -135,7 +135,6 @@ def download_data(datasets, data_path):
     """Read (and if needed download) each data set once, before runs start
     side by side and would otherwise all download into the same folder;
     returns an error message, or None."""
-    sys.path.insert(0, ROOT)
     import utils
 
     for dataset in datasets:

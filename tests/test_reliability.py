@@ -280,6 +280,11 @@ def test_a_checksum_survives_a_save_and_a_load(state, tmp_path):
     (lambda s: s.update(loader_generator=torch.zeros(2)), "loader_generator must be a uint8 tensor"),
     (lambda s: s["epoch_totals"].update(steps=None), r"epoch_totals\['steps'\] must be a finite number"),
     (lambda s: s.update(history=[1]), r"history\[0\] must be an epoch record"),
+    (lambda s: s.update(model_state=[1]), "model_state must be a dict of tensors, found list"),
+    (lambda s: s["model_state"].update(extra=torch.zeros(1)), "model_state has 'extra', which this model does not"),
+    (lambda s: s["optimizer_state"].pop("state"), "optimizer_state must hold a 'state' dict and a 'param_groups' list"),
+    (lambda s: s.update(rng=[]), "rng must hold at least one process's generator states"),
+    (lambda s: s["epoch_totals"].update(collected_at=[None]), r"epoch_totals\['collected_at'\] must be a list of step"),
 ])
 def test_a_malformed_checkpoint_names_its_first_bad_field(state, training, change, message):
     with pytest.raises(utils.UserError, match=f"^checkpoint x.pt is malformed: {message}"):

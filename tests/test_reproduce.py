@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from runs import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "reproduce"))
@@ -22,6 +24,12 @@ TINY = ["--", "--model", "PreResNet20", "--epochs", "2", "--swa_start", "1", "--
 def reproduce(script, *args, env=None, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "reproduce", script), *map(str, args)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_a_negative_keep_checkpoints_is_refused(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        runner.parse_args(["--data_path", "data", "--keep-checkpoints", "-1"])
+    assert stopped.value.code == 2 and "--keep-checkpoints -1 must be 0 (keep all) or more" in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_papers_commands(tmp_path):
