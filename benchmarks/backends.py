@@ -32,11 +32,9 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-import formats  # noqa: E402
-import quantization  # noqa: E402
-from quantization_speed import median_seconds, synchronize, training_step  # noqa: E402
+from benchmarks.quantization_speed import median_seconds, synchronize, training_step
+from swalp.quant import formats, quantizer
 
 CONFIGS = ("fp", "torch", "triton", "qtorch")
 # Top-level operations that only allocate or make views: no kernel on a GPU.
@@ -93,8 +91,8 @@ def rounding_throughput(backend, noise, device, repeats):
     moved = 2 * x.numel() * x.element_size() / 1e9
     rows = {"copy": median_seconds(lambda: x.clone(), device, repeats)}
     if backend is not None:
-        quantizer = quantization.TensorQuantizer(formats.BlockFormat(8), "stochastic", backend, noise)
-        rows["rounding"] = median_seconds(lambda: quantizer(x), device, repeats)
+        rounding = quantizer.TensorQuantizer(formats.BlockFormat(8), "stochastic", backend, noise)
+        rows["rounding"] = median_seconds(lambda: rounding(x), device, repeats)
     return {f"{name}_ms": 1000 * seconds for name, seconds in rows.items()} | {
         f"{name}_gb_per_s": moved / seconds for name, seconds in rows.items()}
 

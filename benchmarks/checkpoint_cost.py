@@ -16,18 +16,15 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoints  # noqa: E402
-import models  # noqa: E402
-import utils  # noqa: E402
+import models
+from swalp.run import checkpoint_files, rng, state
 
 
 def vgg16_state():
@@ -40,8 +37,8 @@ def vgg16_state():
         "optimizer_state": {"state": {i: {"momentum_buffer": torch.randn_like(p)} for i, p in enumerate(parameters)},
                             "param_groups": [{"params": list(range(len(parameters)))}]},
         "weight_acc": [p.detach().clone() for p in parameters],
-        "config": {}, "history": [], "epoch_totals": utils.new_epoch_totals(), "noise_step": 0, "world_size": 1,
-        "rng": [utils.rng_state()], "loader_generator": torch.Generator().get_state(),
+        "config": {}, "history": [], "epoch_totals": state.new_epoch_totals(), "noise_step": 0, "world_size": 1,
+        "rng": [rng.rng_state()], "loader_generator": torch.Generator().get_state(),
     }
 
 
@@ -74,19 +71,19 @@ def main(argv=None):
         os.replace(f"{path}.tmp", path)
 
     def write_sealed():
-        checkpoints.save_checkpoint(directory, state)
+        checkpoint_files.save_checkpoint(directory, state)
 
     try:
         rows = [
             ("write (torch.save, fsync, rename)", median_seconds(write_plain, args.repeats)),
-            ("content checksum", median_seconds(lambda: checkpoints.content_checksum(state), args.repeats)),
+            ("content checksum", median_seconds(lambda: checkpoint_files.content_checksum(state), args.repeats)),
             ("write with checksum (save_checkpoint)", median_seconds(write_sealed, args.repeats)),
             ("load (torch.load, weights only)", median_seconds(
                 lambda: torch.load(path, map_location="cpu", weights_only=True), args.repeats)),
         ]
-        sealed = checkpoints.save_checkpoint(directory, state)
+        sealed = checkpoint_files.save_checkpoint(directory, state)
         rows.append(("load with checksum and NaN check (load_checkpoint)",
-                     median_seconds(lambda: checkpoints.load_checkpoint(sealed), args.repeats)))
+                     median_seconds(lambda: state.load_checkpoint(sealed), args.repeats)))
         size = os.path.getsize(sealed)
     finally:
         if args.dir is None:

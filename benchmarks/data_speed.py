@@ -15,7 +15,7 @@
     each keeps its fastest run (this machine may be shared).
 
 Data: real CIFAR10 under --data_path, or by default a fake CIFAR10 in the
-real on-disk format (tests/cifar_fixture.py) of --images training and
+real on-disk format (swalp/data/fake_cifar.py) of --images training and
 --test-images test images, loaded through torchvision like real data.
 
     python benchmarks/data_speed.py [--images 2560] [--rounds 2] [--json PATH]
@@ -36,13 +36,11 @@ import types
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-import batched_data  # noqa: E402
-import models  # noqa: E402
-import quantization  # noqa: E402
-import utils  # noqa: E402
-from cifar_fixture import patch_torchvision_md5, write_fake_cifar  # noqa: E402
+import models
+import swalp
+from swalp.data import batched, cifar, loaders
+from swalp.data.fake_cifar import patch_torchvision_md5, write_fake_cifar
 
 BATCH = 128
 # The input paths of (c): the batched one, and the per-sample one with the
@@ -61,7 +59,7 @@ def images_per_second(loader, device, min_seconds):
     moved to `device`), repeated until `min_seconds` have passed, after one
     epoch of warm-up."""
     def epoch(number):
-        utils.set_epoch(loader, number)
+        loaders.set_epoch(loader, number)
         count = 0
         for inputs, _ in loader:
             inputs.to(device, non_blocking=True)
@@ -79,12 +77,12 @@ def images_per_second(loader, device, min_seconds):
 
 def loader_rows(train_set, test_set, device, threads, min_seconds):
     torch.set_num_threads(threads)
-    batched, _, _ = batched_data.make_loaders(train_set, test_set, BATCH, 1, device)
+    device_loader, _, _ = batched.make_loaders(train_set, test_set, BATCH, 1, device)
     rows = [{"what": "batched path", "device": str(device), "threads": threads,
-             "images_per_s": images_per_second(batched, device, min_seconds)}]
+             "images_per_s": images_per_second(device_loader, device, min_seconds)}]
     workers = [0] if threads == 1 else [0, threads]
     for count in workers:
-        per_sample, _, _ = utils.make_loaders(train_set, test_set, BATCH, count, 1, device.type == "cuda")
+        per_sample, _, _ = loaders.make_loaders(train_set, test_set, BATCH, count, 1, device.type == "cuda")
         what = "per-sample path" + (f", {count} loader workers" if count else ", in process")
         rows.append({"what": what, "device": str(device), "threads": threads,
                      "images_per_s": images_per_second(per_sample, device, min_seconds)})
@@ -98,16 +96,11 @@ def step_rows(device, threads, steps):
     for name in ("full precision", "8-bit"):
         torch.manual_seed(0)
         net = models.build_model("VGG16", num_classes=10).to(device)
-        noise = quantization.StepNoise(0)
-        lengths = dict.fromkeys(quantization.NUMBER_KINDS, 8 if name == "8-bit" else -1)
-        lengths["acc"] = -1
-        if name == "8-bit":
-            quantizers = quantization.build_quantizers(lengths, "stochastic", backend=quantization.TORCH_BACKEND,
-                                                       noise=noise)
-            quantization.insert_quantizers(net, quantizers["activate"], quantizers["error"], "layer")
-        else:
-            quantizers = dict.fromkeys(quantization.NUMBER_KINDS)
-        optimizer = quantization.make_optimizer(net, quantizers, 0.05, 0.9, 5e-4, noise)
+        noise = swalp.StepNoise(0)
+        spec = "bfp8" if name == "8-bit" else None
+        swalp.quantize_model(net, spec, spec, backend="torch", noise=noise)
+        sgd = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        optimizer = swalp.wrap_optimizer(sgd, weight=spec, grad=spec, momentum=spec, backend="torch", noise=noise)
         inputs = torch.randn(BATCH, 3, 32, 32, device=device)
         targets = torch.randint(0, 10, (BATCH,), device=device)
         seconds = []
@@ -177,7 +170,7 @@ def main():
     scratch = tempfile.TemporaryDirectory()
     data_path = args.data_path or scratch.name
     environment = dict(os.environ) if args.data_path else fake_cifar(scratch.name, args.images, args.test_images)
-    train_set, test_set = utils.load_cifar("CIFAR10", data_path)
+    train_set, test_set = cifar.load_cifar("CIFAR10", data_path)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores" + (
         f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")

@@ -16,28 +16,26 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import formats  # noqa: E402
-import quantization  # noqa: E402
-from quantization_speed import median_seconds  # noqa: E402
+from benchmarks.quantization_speed import median_seconds
+from swalp.quant import backends, specs
 
 DEFAULT_FORMATS = ("bfp8", "bfp8/32", "fixed8.6", "e4m3", "e5m2", "bf16", "fp8e4m3", "fp8e5m2", "mxfp8",
                    "mxfp8-ceil", "mxfp6e3m2", "mxfp4", "mxint8")
 
 
-def format_table(device, specs, repeats):
+def format_table(device, spec_list, repeats):
     x = torch.randn(128, 64, 32, 32, device=device)
-    backends = [quantization.TORCH_BACKEND]
+    available = [backends.TORCH_BACKEND]
     try:
-        backends.append(quantization.load_qtorch_backend())
-    except quantization.BackendUnavailable as error:
+        available.append(backends.load_qtorch_backend())
+    except backends.BackendUnavailable as error:
         print(f"qtorch unavailable: {error}", file=sys.stderr)
     rows = [{"format": "copy (floor)", "backend": "-", "stochastic ms": None,
              "nearest ms": 1000 * median_seconds(lambda: x.clone(), device, repeats)}]
-    for spec in specs:
-        number_format = formats.parse(spec)
-        for backend in backends:
+    for spec in spec_list:
+        number_format = specs.parse(spec)
+        for backend in available:
             if not backend.supports(number_format):
                 continue
             row = {"format": number_format.spec, "backend": backend.name}
@@ -51,7 +49,7 @@ def format_table(device, specs, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--formats", nargs="+", default=list(DEFAULT_FORMATS), type=formats.argument)
+    parser.add_argument("--formats", nargs="+", default=list(DEFAULT_FORMATS), type=specs.argument)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per format (median)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "format_speed.json"))
     args = parser.parse_args()

@@ -26,11 +26,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
-import quantization  # noqa: E402
-import torch_quant  # noqa: E402
+import models
+import swalp
+from swalp.quant import backends, torch_kernels
 
 
 def synchronize(device):
@@ -66,11 +65,11 @@ def original_formula(x, wl, rounding):
 
 def kernel_table(device, repeats):
     x = torch.randn(128, 64, 32, 32, device=device)
-    candidates = {"torch (ours)": torch_quant.block_quantize,
+    candidates = {"torch (ours)": torch_kernels.block_quantize,
                   "original formula": lambda t, wl, dim, rounding: original_formula(t, wl, rounding)}
     try:
-        candidates["qtorch"] = quantization.load_qtorch_backend().block
-    except quantization.BackendUnavailable as error:
+        candidates["qtorch"] = backends.load_qtorch_backend().block
+    except backends.BackendUnavailable as error:
         print(f"qtorch unavailable: {error}", file=sys.stderr)
     rows = [{"kernel": "copy (floor)", "rounding": "-",
              "ms": 1000 * median_seconds(lambda: x.clone(), device, repeats)}]
@@ -87,17 +86,12 @@ def training_step(config, device, batch_size):
     accumulator), its backend and its noise."""
     torch.manual_seed(0)
     net = models.build_model("VGG16", num_classes=10).to(device)
-    noise = quantization.StepNoise(0)
-    backend = None
-    if config == "fp":
-        quantizers = dict.fromkeys(quantization.NUMBER_KINDS)
-    else:
-        backend, _ = quantization.select_backend(config, device)
-        lengths = dict.fromkeys(quantization.NUMBER_KINDS, 8)
-        lengths["acc"] = -1
-        quantizers = quantization.build_quantizers(lengths, "stochastic", backend=backend, noise=noise)
-        quantization.insert_quantizers(net, quantizers["activate"], quantizers["error"], "layer")
-    optimizer = quantization.make_optimizer(net, quantizers, 0.05, 0.9, 5e-4, noise)
+    noise = swalp.StepNoise(0)
+    backend = None if config == "fp" else backends.choose_backend(config, device)[0]
+    spec = None if config == "fp" else "bfp8"
+    swalp.quantize_model(net, spec, spec, backend=backend or "torch", noise=noise)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    optimizer = swalp.wrap_optimizer(sgd, weight=spec, grad=spec, momentum=spec, backend=backend or "torch", noise=noise)
     inputs = torch.randn(batch_size, 3, 32, 32, device=device)
     targets = torch.randint(0, 10, (batch_size,), device=device)
 

@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import os
-import sys
 
 import tabulate
 import torch
@@ -31,11 +30,9 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "reproduce"))
 
-import models  # noqa: E402
-from run import HYPERPARAMETERS, PRECISIONS  # noqa: E402
+import models
+from reproduce.run import HYPERPARAMETERS, PRECISIONS
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 CLASSES = {"CIFAR10": 10, "CIFAR100": 100}

@@ -24,10 +24,11 @@ import time
 
 import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models
+import train
+from reproduce.run import PRECISIONS  # fp, and the paper's table setting lp8
+from swalp.run import arguments
 
-import train  # noqa: E402
-from reproduce.run import PRECISIONS  # noqa: E402  (fp, and the paper's table setting lp8)
 COLUMNS = {("fp", "sgd_error"): "SGD-FP", ("fp", "swa_error"): "SWA-FP",
            ("lp8", "sgd_error"): "SGD-LP", ("lp8", "swa_error"): "SWALP"}
 
@@ -35,7 +36,7 @@ COLUMNS = {("fp", "sgd_error"): "SGD-FP", ("fp", "swa_error"): "SWA-FP",
 def train_digits(model, precision, seed, run_dir, extra):
     """One train.py run in this process (flags `extra` last), its output in
     run_dir/train.log; returns its results.json and the seconds it took."""
-    epochs = train.DATASET_DEFAULTS["digits"]["epochs"]
+    epochs = arguments.DATASET_DEFAULTS["digits"]["epochs"]
     # The table needs only the evaluations at swa_start and at the end, which
     # train.py always makes.
     argv = ["--dataset", "digits", "--model", model, "--seed", str(seed), "--num_workers", "0",
@@ -70,8 +71,7 @@ def build_parser():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one run per precision and seed")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
                         help="fp: full precision; lp8: the paper's 8-bit setting")
-    parser.add_argument("--model", default="PreResNet20", choices=sorted(set(train.models.MODELS) -
-                                                                         set(train.models.IMAGENET_MODELS)),
+    parser.add_argument("--model", default="PreResNet20", choices=sorted(set(models.MODELS) - set(models.IMAGENET_MODELS)),
                         help="a CIFAR model")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "digits"),
                         help="folder of the run directories and summary.json")
@@ -91,7 +91,7 @@ def main(argv=None):
             errors[(precision, seed)] = {key: results[key] for key in ("sgd_error", "swa_error")}
             print(f"{precision} seed {seed}: SGD {results['sgd_error']:.2f} %, SWA {results['swa_error']:.2f} % "
                   f"test error ({seconds:.0f} s)", flush=True)
-    print(f"\ndigits, {args.model}, {train.DATASET_DEFAULTS['digits']} {' '.join(extra)}".rstrip())
+    print(f"\ndigits, {args.model}, {arguments.DATASET_DEFAULTS['digits']} {' '.join(extra)}".rstrip())
     print(table(errors))
     summary = [{"precision": precision, "seed": seed, **values} for (precision, seed), values in errors.items()]
     with open(os.path.join(args.out, "summary.json"), "w") as handle:

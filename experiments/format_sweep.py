@@ -22,15 +22,12 @@ and a JSON (experiments/results/format_sweep.*).
 import argparse
 import os
 import re
-import sys
 import time
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import formats  # noqa: E402
-import quantization  # noqa: E402
-from experiments import common, logistic_regression  # noqa: E402
+from experiments import common, logistic_regression
+from swalp.quant import backends, specs
 
 DEFAULT_FORMATS = ("fixed8", "bfp8", "e4m3", "e5m2", "fp8e4m3", "mxfp8", "mxfp8-ceil", "mxfp4", "mxfp4-ceil", "mxint8")
 
@@ -40,10 +37,10 @@ def resolve(spec, il):
     wl - il fractional bits."""
     if match := re.fullmatch(r"fixed(\d+)", spec.strip().lower()):
         wl = int(match[1])
-        return formats.parse(f"fixed{wl}.{max(wl - il, 0)}")
-    number_format = formats.parse(spec)
+        return specs.parse(f"fixed{wl}.{max(wl - il, 0)}")
+    number_format = specs.parse(spec)
     if number_format is None:
-        raise formats.FormatError(f"{spec}: the sweep compares low-precision formats; fp32 is always its baseline")
+        raise specs.FormatError(f"{spec}: the sweep compares low-precision formats; fp32 is always its baseline")
     return number_format
 
 
@@ -51,7 +48,7 @@ def rounder(number_format):
     """Rounds weights (replicates, d, classes) to the format, one row per class."""
     def round_weights(w, generator):
         rows = w.transpose(-1, -2).reshape(-1, w.shape[-2])
-        rounded = number_format.quantize(rows.contiguous(), "stochastic", quantization.TORCH_BACKEND, generator)
+        rounded = number_format.quantize(rows.contiguous(), "stochastic", backends.TORCH_BACKEND, generator)
         return rounded.reshape(w.shape[0], w.shape[-1], w.shape[-2]).transpose(-1, -2)
 
     return round_weights
@@ -138,7 +135,7 @@ def main(argv=None):
     try:
         result = run(args.formats, args.epochs, args.lr, args.wd, args.batch_size, args.swa_start, args.replicates,
                      args.seed, args.data_path)
-    except formats.FormatError as error:
+    except specs.FormatError as error:
         parser.error(str(error))
     seconds = time.time() - began
     rows = summary(result)

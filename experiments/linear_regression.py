@@ -27,15 +27,13 @@ prints a table and writes PATH.png and PATH.json.
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch_quant  # noqa: E402
-from experiments import common  # noqa: E402
+from experiments import common
+from swalp.quant import torch_kernels
 
 INTEGER_BITS = 4  # sign and three integer bits: weights lie in [-8, 8)
 
@@ -78,7 +76,7 @@ def run(fractional_lengths=(4, 6, 8), iterations=300_000, lr=0.01, swa_start=200
     record = checkpoints(iterations, per_decade)
     curves = descend(x, y, w_star, fls, record, lr, swa_start, replicates, seed)
     # The nearest grid point is the best any fixed-point model can do.
-    grid = {fl: ((torch_quant.fixed_point_quantize(w_star.float(), fl + INTEGER_BITS, fl, rounding="nearest")
+    grid = {fl: ((torch_kernels.fixed_point_quantize(w_star.float(), fl + INTEGER_BITS, fl, rounding="nearest")
                   - w_star) ** 2).sum().item() for fl in fls}
     return {"iterations": record, "swa_iterations": [t for t in record if t > swa_start], "fractional_lengths": fls,
             "grid": grid, "initial": (w_star ** 2).sum().item(), **curves}
@@ -107,7 +105,7 @@ def descend(x, y, w_star, fls, record, lr, swa_start, replicates, seed):
             w_fp -= lr * xs * ((xs * w_fp).sum(-1) - ys).unsqueeze(-1)
             step = w_lp - lr * xs * ((xs * w_lp).sum(-1) - ys).unsqueeze(-1)
             for i, fl in enumerate(fls):
-                w_lp[i] = torch_quant.fixed_point_quantize(step[i], fl + INTEGER_BITS, fl, generator=rounding)
+                w_lp[i] = torch_kernels.fixed_point_quantize(step[i], fl + INTEGER_BITS, fl, generator=rounding)
             if t > swa_start:
                 averaged += 1
                 w_swa += (w_lp.double() - w_swa) / averaged

@@ -36,16 +36,14 @@ prints a table and writes PATH.png and PATH.json.
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch_quant  # noqa: E402
-from experiments import common  # noqa: E402
+from experiments import common
+from swalp.quant import torch_kernels
 
 
 def with_bias(x):
@@ -116,7 +114,7 @@ def train(x, y, word_lengths, il, lr, wd, epochs, batch_size, swa_start, replica
     """Final SGD weights and SWA means, shape (methods, replicates, d, classes):
     method 0 is full precision, method i > 0 fixed point with word_lengths[i-1] bits."""
     def fixed_point(wl):
-        return lambda w, generator: torch_quant.fixed_point_quantize(w, wl, wl - il, generator=generator)
+        return lambda w, generator: torch_kernels.fixed_point_quantize(w, wl, wl - il, generator=generator)
 
     return descend(x, y, [fixed_point(wl) for wl in word_lengths], lr, wd, epochs, batch_size, swa_start,
                    replicates, seed)

@@ -1,45 +1,45 @@
-"""Model registry: each name maps to a small config class (base network and
-its keyword arguments), so adding a model is one class here."""
+"""Model registry: each name maps to a small config class (its base network,
+as "<module>.<class>" of this package, and its keyword arguments), so adding
+a model is one class here. A base is imported only when a model is built:
+the command line checks --model before torch loads."""
 
-from .preresnet import PreResNet
-from .resnet import ResNet18 as TorchvisionResNet18
-from .vgg import VGG
+import importlib
 
 
 class VGG16:
-    base = VGG
+    base = "vgg.VGG"
     kwargs = {"depth": 16, "batch_norm": False}
 
 
 class VGG16BN:
-    base = VGG
+    base = "vgg.VGG"
     kwargs = {"depth": 16, "batch_norm": True}
 
 
 class VGG19:
-    base = VGG
+    base = "vgg.VGG"
     kwargs = {"depth": 19, "batch_norm": False}
 
 
 class VGG19BN:
-    base = VGG
+    base = "vgg.VGG"
     kwargs = {"depth": 19, "batch_norm": True}
 
 
 class PreResNet20:
-    base = PreResNet
+    base = "preresnet.PreResNet"
     kwargs = {"depth": 20}
 
 
 class PreResNet164:
-    base = PreResNet
+    base = "preresnet.PreResNet"
     kwargs = {"depth": 164}
 
 
 class ResNet18:
     """For ImageNet (224x224 inputs); the others are for 32x32 CIFAR images."""
 
-    base = TorchvisionResNet18
+    base = "resnet.ResNet18"
     kwargs = {}
 
 
@@ -49,4 +49,5 @@ IMAGENET_MODELS = ("ResNet18",)
 
 def build_model(name, num_classes):
     cfg = MODELS[name]
-    return cfg.base(num_classes=num_classes, **cfg.kwargs)
+    module, base = cfg.base.split(".")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), base)(num_classes=num_classes, **cfg.kwargs)

@@ -25,9 +25,8 @@ import statistics
 import sys
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from quantization import NUMBER_KINDS, precision_tag  # noqa: E402
+from swalp.quant.kinds import NUMBER_KINDS, from_record, precision_tag
 
 PAPER = {  # test error %, mean and std over 3 seeds (the paper's table)
     ("CIFAR10", "VGG16"): {"SGD-FP": (6.81, 0.09), "SWA-FP": (6.51, 0.14), "SGD-LP": (7.61, 0.15),
@@ -65,7 +64,7 @@ def number_format(config):
     they differ from stochastic, None, B, layer."""
     lengths = {kind: config.get(f"wl_{kind}", -1) for kind in NUMBER_KINDS}
     specs = {kind: config.get(f"format_{kind}") for kind in NUMBER_KINDS}
-    label = precision_tag(lengths, specs)
+    label = precision_tag(from_record(config))
     if label == "FP":
         return label
     if len(set(specs.values())) == 1 and None not in specs.values():

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
-sys.path.insert(0, ROOT)
 
-import formats  # noqa: E402
+from swalp.quant import specs
 
 # The paper's hyper-parameters, from the reference scripts (VGG: the seed's
 # example.sh and the original's block_vgg_swa.sh; PreResNet164: the original's
@@ -57,7 +56,7 @@ PRECISIONS = {
 def format_precision(spec):
     """The name and train.py flags of a run in one number format everywhere,
     with lp8's rounding and layout (the layout matters for bfp<wl> only)."""
-    return formats.path_tag(spec), ["--format", spec, "--rounding", "stochastic", "--small-block", "FC",
+    return specs.path_tag(spec), ["--format", spec, "--rounding", "stochastic", "--small-block", "FC",
                                     "--block-dim", "B"]
 
 
@@ -135,12 +134,13 @@ def download_data(datasets, data_path):
     """Read (and if needed download) each data set once, before runs start
     side by side and would otherwise all download into the same folder;
     returns an error message, or None."""
-    import utils
+    from swalp.data.datasets import load_data  # torch loads only when the runs are real, not for --dry-run
+    from swalp.errors import UserError
 
     for dataset in datasets:
         try:
-            utils.load_data(dataset, data_path)
-        except utils.UserError as error:
+            load_data(dataset, data_path)
+        except UserError as error:
             return str(error)
     return None
 
@@ -193,8 +193,8 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", nargs="+", default=["CIFAR10", "CIFAR100"], choices=["CIFAR10", "CIFAR100"])
     parser.add_argument("--models", nargs="+", default=["VGG16"], choices=sorted(HYPERPARAMETERS))
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    parser.add_argument("--formats", nargs="+", default=[], type=formats.argument, metavar="SPEC",
-                        help=f"also run in each of these number formats everywhere ({formats.GRAMMAR}), "
+    parser.add_argument("--formats", nargs="+", default=[], type=specs.argument, metavar="SPEC",
+                        help=f"also run in each of these number formats everywhere ({specs.GRAMMAR}), "
                              f"e.g. e4m3 mxfp8 mxint8")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids to run on side by side, e.g. 0,1,2,3")

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from cifar_fixture import patch_torchvision_md5, write_fake_cifar
 from runs import LOW_PRECISION_RUN, ROOT
+from swalp.data.fake_cifar import patch_torchvision_md5, write_fake_cifar
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,8 @@ def fake_cifar_env(cifar_root):
     """Environment for subprocesses that see the fake data sets and cannot
     reach the network."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(cifar_root / "site"), env.get("PYTHONPATH", "")])
+    # The repository too: scripts started by path import the swalp package even where it is not installed.
+    env["PYTHONPATH"] = os.pathsep.join([str(cifar_root / "site"), ROOT, env.get("PYTHONPATH", "")])
     env["FAKE_CIFAR_MD5"] = str(cifar_root / "md5.json")
     # A download attempt fails at once instead of leaving the machine.
     env["http_proxy"] = env["https_proxy"] = "http://127.0.0.1:9"

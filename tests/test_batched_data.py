@@ -9,19 +9,18 @@ import torchvision.transforms as transforms
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import batched_data
-import distributed
 import train
-import utils
+from swalp.data import batched, cifar, loaders
+from swalp.run import arguments, distributed
 
-CIFAR_AUGMENTATION = batched_data.BatchAugmentation(4, 0.5, utils.CIFAR_MEAN, utils.CIFAR_STD)
+CIFAR_AUGMENTATION = batched.BatchAugmentation(4, 0.5, cifar.CIFAR_MEAN, cifar.CIFAR_STD)
 
 
 def test_the_cifar_transforms_have_a_batched_form(cifar_in_process):
-    train_set, test_set = utils.load_cifar("CIFAR100", str(cifar_in_process))
-    assert batched_data.batch_augmentation(train_set.transform, (32, 32)) == CIFAR_AUGMENTATION
-    assert batched_data.batch_augmentation(test_set.transform, (32, 32)) == (0, 0.0, utils.CIFAR_MEAN,
-                                                                               utils.CIFAR_STD)
+    train_set, test_set = cifar.load_cifar("CIFAR100", str(cifar_in_process))
+    assert batched.batch_augmentation(train_set.transform, (32, 32)) == CIFAR_AUGMENTATION
+    assert batched.batch_augmentation(test_set.transform, (32, 32)) == (0, 0.0, cifar.CIFAR_MEAN,
+                                                                               cifar.CIFAR_STD)
 
 
 @pytest.mark.parametrize("transform", [
@@ -35,7 +34,7 @@ def test_the_cifar_transforms_have_a_batched_form(cifar_in_process):
 ])
 def test_transforms_without_a_batched_form_are_refused(transform):
     with pytest.raises(ValueError, match="no batched form"):
-        batched_data.batch_augmentation(transform, (32, 32))
+        batched.batch_augmentation(transform, (32, 32))
 
 
 def test_every_crop_and_flip_equals_torchvisions_output_bit_for_bit():
@@ -44,16 +43,16 @@ def test_every_crop_and_flip_equals_torchvisions_output_bit_for_bit():
     for top in range(9):
         for left in range(9):
             for flip in (False, True):
-                ours = batched_data.augment(batch, torch.tensor([top]), torch.tensor([left]), torch.tensor([flip]),
+                ours = batched.augment(batch, torch.tensor([top]), torch.tensor([left]), torch.tensor([flip]),
                                             CIFAR_AUGMENTATION)[0]
                 cropped = TF.crop(TF.pad(Image.fromarray(image), 4), top, left, 32, 32)
                 expected = TF.to_tensor(TF.hflip(cropped) if flip else cropped)
-                assert torch.equal(ours, TF.normalize(expected, utils.CIFAR_MEAN, utils.CIFAR_STD)), (top, left, flip)
+                assert torch.equal(ours, TF.normalize(expected, cifar.CIFAR_MEAN, cifar.CIFAR_STD)), (top, left, flip)
 
 
 def test_offsets_are_uniform_and_flips_fair_and_independent():
     draws = 162 * 200
-    top, left, flip = batched_data.draw_augmentation(torch.Generator().manual_seed(5), draws, CIFAR_AUGMENTATION)
+    top, left, flip = batched.draw_augmentation(torch.Generator().manual_seed(5), draws, CIFAR_AUGMENTATION)
     assert top.min() == left.min() == 0 and top.max() == left.max() == 8
     # Each of the 9 x 9 x 2 outcomes equally likely: chi-square with 161 degrees
     # of freedom stays below 218 (its 0.1% upper quantile) for a uniform law.
@@ -63,8 +62,8 @@ def test_offsets_are_uniform_and_flips_fair_and_independent():
 
 
 def cifar_loaders(data_path, seed=4, world=distributed.World(), batch_size=8):
-    train_set, test_set = utils.load_cifar("CIFAR10", str(data_path))
-    return train_set, test_set, batched_data.make_loaders(train_set, test_set, batch_size, seed,
+    train_set, test_set = cifar.load_cifar("CIFAR10", str(data_path))
+    return train_set, test_set, batched.make_loaders(train_set, test_set, batch_size, seed,
                                                           torch.device("cpu"), world)
 
 
@@ -82,23 +81,23 @@ def test_test_batches_equal_torchvisions_test_set(cifar_in_process):
 def test_training_batches_follow_the_samplers_order_and_depend_only_on_seed_epoch_and_step(cifar_in_process):
     train_set, test_set, (train_loader, _, bn_loader) = cifar_loaders(cifar_in_process)
     assert bn_loader is train_loader  # one process: the BatchNorm pass sees the epoch's batches
-    utils.set_epoch(train_loader, 3)
+    loaders.set_epoch(train_loader, 3)
     whole = batches(train_loader)
     assert len(whole) == len(train_loader) == 5
-    per_sample, _, _ = utils.make_loaders(train_set, test_set, 8, 0, seed=4, pin_memory=False)
-    utils.set_epoch(per_sample, 3)
+    per_sample, _, _ = loaders.make_loaders(train_set, test_set, 8, 0, seed=4, pin_memory=False)
+    loaders.set_epoch(per_sample, 3)
     assert [t.tolist() for _, t in whole] == [t.tolist() for _, t in per_sample]
     torch.manual_seed(123)  # the global generator plays no part
     assert all(torch.equal(a[0], b[0]) for a, b in zip(whole, batches(train_loader)))
-    utils.set_epoch(train_loader, 3, start_step=2)
+    loaders.set_epoch(train_loader, 3, start_step=2)
     tail = batches(train_loader)
     assert len(tail) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(whole[2:], tail))
-    utils.set_epoch(train_loader, 3, start_step=5)
+    loaders.set_epoch(train_loader, 3, start_step=5)
     assert batches(train_loader) == []  # stopped after the epoch's last step
-    utils.set_epoch(train_loader, 4)
+    loaders.set_epoch(train_loader, 4)
     assert not torch.equal(batches(train_loader)[0][0], whole[0][0])
     _, _, (other_seed, _, _) = cifar_loaders(cifar_in_process, seed=5)
-    utils.set_epoch(other_seed, 3)
+    loaders.set_epoch(other_seed, 3)
     assert not torch.equal(batches(other_seed)[0][0], whole[0][0])
 
 
@@ -106,7 +105,7 @@ def test_data_parallel_ranks_augment_their_own_shards(cifar_in_process):
     shards = []
     for rank in range(2):
         _, _, (train_loader, test_loader, bn_loader) = cifar_loaders(cifar_in_process, world=distributed.World(rank, 2))
-        utils.set_epoch(train_loader, 1)
+        loaders.set_epoch(train_loader, 1)
         shards.append({"train": list(train_loader.sampler), "bn": list(bn_loader.sampler),
                        "test": list(test_loader.sampler), "first": next(iter(train_loader))[0]})
     assert len(shards[0]["train"]) == 20 and set(shards[0]["train"]).isdisjoint(shards[1]["train"])
@@ -122,7 +121,7 @@ def test_any_data_set_with_cifars_attributes_works():
                                    targets=list(range(10)),
                                    transform=transforms.Compose([transforms.ToTensor(),
                                                                  transforms.Normalize((0.3,), (0.2,))]))
-    _, test_loader, _ = batched_data.make_loaders(digits, digits, 4, 0, torch.device("cpu"))
+    _, test_loader, _ = batched.make_loaders(digits, digits, 4, 0, torch.device("cpu"))
     inputs, targets = map(torch.cat, zip(*batches(test_loader)))
     expected = torch.stack([digits.transform(image) for image in digits.data])
     assert inputs.shape == (10, 1, 8, 8) and torch.equal(inputs, expected) and targets.tolist() == digits.targets
@@ -153,9 +152,9 @@ def test_a_device_without_room_for_the_data_ends_the_run_in_one_line(cifar_in_pr
 
 def test_imagenet_keeps_the_per_sample_path(capsys):
     imagenet = ["--dataset", "ImageNet", "--data_path", "x", "--model", "ResNet18"]
-    assert train.parse_args(imagenet).loader == "torchvision"
-    assert train.parse_args(["--data_path", "x", "--model", "VGG16"]).loader == "batched"
+    assert arguments.parse_args(imagenet).loader == "torchvision"
+    assert arguments.parse_args(["--data_path", "x", "--model", "VGG16"]).loader == "batched"
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args([*imagenet, "--loader", "batched"])
+        arguments.parse_args([*imagenet, "--loader", "batched"])
     assert exit_info.value.code == 2
     assert "use --loader torchvision with --dataset ImageNet" in capsys.readouterr().err

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import digits
-import train
-import utils
+from swalp.data import datasets, digits
+from swalp.run import arguments
 from experiments import common, digits_quickstart
 
 
 def test_digits_look_like_torchvisions_cifar():
-    train_set, test_set, classes = utils.load_data("digits", None)
+    train_set, test_set, classes = datasets.load_data("digits", None)
     assert classes == 10 and train_set.classes == [str(digit) for digit in range(10)]
     assert train_set.data.shape == (1347, 32, 32, 3) and test_set.data.shape == (450, 32, 32, 3)
     assert train_set.data.dtype == np.uint8 and train_set.data.max() == 255
@@ -47,9 +46,9 @@ def test_an_8_bit_swalp_run_on_digits_learns(tmp_path, capsys):
 
 
 def test_digits_need_no_data_path_and_have_their_own_defaults(capsys):
-    args = train.parse_args(["--dataset", "digits", "--model", "PreResNet20"])
+    args = arguments.parse_args(["--dataset", "digits", "--model", "PreResNet20"])
     assert args.data_path is None
-    assert {key: getattr(args, key) for key in train.DATASET_DEFAULTS["digits"]} == train.DATASET_DEFAULTS["digits"]
+    assert {key: getattr(args, key) for key in arguments.DATASET_DEFAULTS["digits"]} == arguments.DATASET_DEFAULTS["digits"]
     with pytest.raises(SystemExit) as stopped:
-        train.parse_args(["--dataset", "CIFAR10", "--model", "VGG16"])
+        arguments.parse_args(["--dataset", "CIFAR10", "--model", "VGG16"])
     assert stopped.value.code == 2 and "--dataset CIFAR10 needs --data_path" in capsys.readouterr().err

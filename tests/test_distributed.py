@@ -10,10 +10,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-import distributed
 import models
 import utils
 from runs import EIGHT_BIT, ROOT, assert_same_run, table_rows
+from swalp.run import arguments, distributed
 
 DDP_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 3, "--swa_start", 2, "--save_freq", 1,
            "--batch_size", 8, "--num_workers", 0, *EIGHT_BIT, "--wl-acc", 12]
@@ -136,16 +136,16 @@ def test_qtorch_backend_under_torchrun_keeps_the_optimizer_rounding_shared(fake_
 def test_replica_drift_is_detected(cifar_in_process, tmp_path, monkeypatch):
     import train
 
-    args = train.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "1",
+    args = arguments.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "1",
                              "--swa_start", "1", "--num_workers", "0", "--dir", str(tmp_path)])
-    training = train.Training(args, torch.device("cpu"), str(tmp_path))
-    digest = training.replica_digest()
-    weight = next(training.net.parameters()).data
+    training = train.build(args, torch.device("cpu"), str(tmp_path))
+    digest = training.state.replica_digest()
+    weight = next(training.state.net.parameters()).data
     weight.view(-1).view(torch.int32)[0] ^= 1  # one bit of one weight
-    assert training.replica_digest() != digest
+    assert training.state.replica_digest() != digest
     # Pretend to be rank 0 of two whose partner reports another digest.
-    training.world = distributed.World(0, 2, 0)
+    training.state.world = distributed.World(0, 2, 0)
     monkeypatch.setattr(distributed, "sum_across", lambda world, values, device: list(values))
     monkeypatch.setattr(distributed, "gather_objects", lambda world, value: [value, value + 1])
     with pytest.raises(RuntimeError, match="replicas have drifted apart"):
-        training.state_dict()
+        training.state.state_dict()

@@ -6,12 +6,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import formats
-import quantization
+import swalp
 import train
-import torch_quant
 from runs import SMALL
-from utils import UserError
+from swalp.errors import UserError
+from swalp.quant import backends, kinds, specs, torch_kernels
+from swalp.run import arguments
+from swalp.run.quantizers import choose_quantizers
 
 # qtorch's floating point (the slowest kernel here) on the small momentum buffers only.
 MIXED = ["--format-weight", "MXFP8", "--format-activate", "fp8e5m2", "--format-grad", "fixed8.6",
@@ -20,7 +21,7 @@ MIXED = ["--format-weight", "MXFP8", "--format-activate", "fp8e5m2", "--format-g
 
 def on_grid(tensor, spec):
     """A tensor on a format's grid is left unchanged by nearest rounding to it."""
-    return torch.equal(formats.parse(spec).quantize(tensor, "nearest", quantization.TORCH_BACKEND), tensor)
+    return torch.equal(specs.parse(spec).quantize(tensor, "nearest", backends.TORCH_BACKEND), tensor)
 
 
 def train_in_process(data_path, run_dir, *extra):
@@ -38,9 +39,9 @@ def test_a_run_with_a_format_per_kind(cifar_in_process, tmp_path, capsys):
                  "momentum  : FloatFormat(exp=4, man=3)", "acc       : MX mxint8"):
         assert line in result.out, line
     config = json.loads((run_dir / "results.json").read_text())["config"]
-    assert [config[f"format_{kind}"] for kind in quantization.NUMBER_KINDS] == [
+    assert [config[f"format_{kind}"] for kind in kinds.NUMBER_KINDS] == [
         "mxfp8e4m3", "fp8e5m2", "fixed8.6", "bfp8/32", "e4m3", "mxint8"]
-    assert all(config[f"wl_{kind}"] == -1 for kind in quantization.NUMBER_KINDS)
+    assert all(config[f"wl_{kind}"] == -1 for kind in kinds.NUMBER_KINDS)
 
     checkpoint = torch.load(run_dir / "checkpoint-1.pt", weights_only=True)
     weights = [checkpoint["model_state"][name] for name in ("conv1.weight", "fc.weight", "fc.bias")]
@@ -63,20 +64,20 @@ def test_a_run_with_a_format_per_kind(cifar_in_process, tmp_path, capsys):
 
 
 def flags(*extra):
-    return train.parse_args(["--data_path", "d", "--model", "VGG16", *extra])
+    return arguments.parse_args(["--data_path", "d", "--model", "VGG16", *extra])
 
 
 def test_run_names_carry_the_formats():
-    assert train.precision_tag(flags(*MIXED)) == "Wmxfp8e4m3Afp8e5m2Gfixed8.6Ebfp8k32Me4m3Accmxint8"
-    assert train.precision_tag(flags("--format", "bfp8", "--format-acc", "fp32")) == "W8A8G8E8M8"
-    assert train.precision_tag(flags("--format", "fp32")) == "FP"
+    assert kinds.precision_tag(flags(*MIXED).formats) == "Wmxfp8e4m3Afp8e5m2Gfixed8.6Ebfp8k32Me4m3Accmxint8"
+    assert kinds.precision_tag(flags("--format", "bfp8", "--format-acc", "fp32").formats) == "W8A8G8E8M8"
+    assert kinds.precision_tag(flags("--format", "fp32").formats) == "FP"
 
 
 def test_format_sets_every_kind_and_a_kinds_own_spec_wins():
     args = flags("--format", "MXFP4", "--format-grad", "bf16", "--format-momentum", "bfp6")
-    assert train.format_specs(args) == {"weight": "mxfp4e2m1", "activate": "mxfp4e2m1", "grad": "e8m7",
+    assert {kind: arguments.config(args)[f"format_{kind}"] for kind in kinds.NUMBER_KINDS} == {"weight": "mxfp4e2m1", "activate": "mxfp4e2m1", "grad": "e8m7",
                                         "error": "mxfp4e2m1", "momentum": None, "acc": "mxfp4e2m1"}
-    assert train.word_lengths(args)["momentum"] == 6  # bfp6 is --wl-momentum 6: the same run
+    assert arguments.config(args)["wl_momentum"] == 6  # bfp6 is --wl-momentum 6: the same run
     assert vars(flags("--format-weight", "bfp8")) == vars(flags("--wl-weight", "8")) | {"format": None}
 
 
@@ -94,12 +95,12 @@ def test_bad_or_conflicting_formats_are_one_line_and_exit_2(extra, complaint, ca
 
 
 def test_a_backend_without_the_formats_kernel_is_refused_or_falls_back(monkeypatch):
-    lean = quantization.Backend("qtorch", torch_quant.block_quantize, torch_quant.fixed_point_quantize,
-                                torch_quant.float_quantize, seedable=False)
-    monkeypatch.setattr(quantization, "select_backend", lambda name, device: (lean, None))
+    lean = backends.Backend("qtorch", torch_kernels.block_quantize, torch_kernels.fixed_point_quantize,
+                                torch_kernels.float_quantize, seedable=False)
+    monkeypatch.setattr(backends, "choose_backend", lambda name, device: (lean, None))
     with pytest.raises(UserError, match="--quant-backend qtorch: the qtorch backend cannot compute mxfp8e4m3"):
-        train.build_quantizers(flags("--format-weight", "mxfp8", "--quant-backend", "qtorch"), torch.device("cpu"),
-                               quantization.StepNoise(0))
-    quantizers, _ = train.build_quantizers(flags("--format-weight", "mxfp8", "--format-grad", "e4m3"),
-                                           torch.device("cpu"), quantization.StepNoise(0))
-    assert quantizers["weight"].backend is quantization.TORCH_BACKEND and quantizers["grad"].backend is lean
+        choose_quantizers(flags("--format-weight", "mxfp8", "--quant-backend", "qtorch"), torch.device("cpu"),
+                               swalp.StepNoise(0))
+    quantizers, _ = choose_quantizers(flags("--format-weight", "mxfp8", "--format-grad", "e4m3"),
+                                           torch.device("cpu"), swalp.StepNoise(0))
+    assert quantizers["weight"].backend is backends.TORCH_BACKEND and quantizers["grad"].backend is lean

@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 
-import formats
-import quantization
-import torch_quant as tq
-from formats import FormatError
+from swalp.quant import backends, formats, kinds, quantizer, specs
+from swalp.quant import torch_kernels as tq
+from swalp.quant.specs import FormatError
 
-TORCH = quantization.TORCH_BACKEND
+TORCH = backends.TORCH_BACKEND
 
 
 def bits(x):
@@ -36,19 +35,19 @@ def assert_same_numbers(actual, expected):
     ("mxfp6e2m3", "mxfp6e2m3"), ("mxfp6e3m2", "mxfp6e3m2"), ("mxfp4", "mxfp4e2m1"), ("mxint8", "mxint8"),
     ("MXFP8-CEIL", "mxfp8e4m3-ceil"), ("mxint8-ceil", "mxint8-ceil"), ("mxfp4-ceil", "mxfp4e2m1-ceil")])
 def test_every_spec_of_the_grammar_has_one_canonical_spelling(spec, canonical):
-    assert formats.canonical(spec) == canonical
-    number_format = formats.parse(spec)
+    assert specs.canonical(spec) == canonical
+    number_format = specs.parse(spec)
     assert (number_format is None) == (spec == "fp32")
     if number_format is not None:
-        assert number_format.spec == canonical and formats.parse(canonical) == number_format
-    assert "/" not in formats.path_tag(spec)
+        assert number_format.spec == canonical and specs.parse(canonical) == number_format
+    assert "/" not in specs.path_tag(spec)
 
 
 def test_specs_build_the_formats_they_name():
-    assert formats.parse("bfp8/32") == formats.BlockFormat(8, block_size=32)
-    assert formats.parse("fixed8.6") == formats.FixedFormat(8, 6)
-    assert formats.parse("bf16") == formats.FloatFormat(8, 7) and formats.parse("fp16") == formats.FloatFormat(5, 10)
-    largest = {spec: formats.parse(spec).element.largest for spec in
+    assert specs.parse("bfp8/32") == formats.BlockFormat(8, block_size=32)
+    assert specs.parse("fixed8.6") == formats.FixedFormat(8, 6)
+    assert specs.parse("bf16") == formats.FloatFormat(8, 7) and specs.parse("fp16") == formats.FloatFormat(5, 10)
+    largest = {spec: specs.parse(spec).element.largest for spec in
                ("fp8e4m3", "fp8e5m2", "mxfp6e2m3", "mxfp6e3m2", "mxfp4", "mxint8")}
     # The OCP tables: largest normal (2 - 2^-man) 2^emax, E4M3 losing its top mantissa to NaN.
     assert largest == {"fp8e4m3": 448.0, "fp8e5m2": 57344.0, "mxfp6e2m3": 7.5, "mxfp6e3m2": 28.0, "mxfp4": 6.0,
@@ -62,7 +61,7 @@ def test_specs_build_the_formats_they_name():
     ("e4m3-ceil", "not a number format")])
 def test_bad_specs_say_what_is_wrong_in_one_line(spec, complaint):
     with pytest.raises(FormatError) as error:
-        formats.parse(spec)
+        specs.parse(spec)
     assert complaint in str(error.value) and "\n" not in str(error.value) and spec in str(error.value)
 
 
@@ -89,8 +88,8 @@ def hard_inputs():
 @pytest.mark.parametrize("spec", ["e4m3", "e5m2", "bf16", "fp16", "e3m4", "fixed8.6", "fixed16.8", "bfp8/32"])
 def test_fixed_float_and_blocked_formats_are_bit_identical_to_qtorch(spec):
     pytest.importorskip("qtorch.quant")
-    qtorch_backend = quantization.load_qtorch_backend()
-    number_format = formats.parse(spec)
+    qtorch_backend = backends.load_qtorch_backend()
+    number_format = specs.parse(spec)
     x = hard_inputs()
     if spec.startswith("fixed"):
         x = x * 1e-36
@@ -134,15 +133,15 @@ def test_mx_nearest_equals_torchao(spec, dtype_name, scale):
     mode = mx.ScaleCalculationMode.FLOOR if scale == "floor" else mx.ScaleCalculationMode.RCEIL
     scales, data = mx.to_mx(x, dtype, 32, mode)
     expected = mx.to_dtype(data, scales, dtype, 32, torch.float32)
-    number_format = formats.parse(spec + ("-ceil" if scale == "ceil" else ""))
+    number_format = specs.parse(spec + ("-ceil" if scale == "ceil" else ""))
     assert_bit_identical(number_format.quantize(x, "nearest", TORCH), expected)
 
 
 def test_the_floor_scale_saturates_a_blocks_largest_values_and_the_ceil_scale_does_not():
     x = torch.linspace(0.25, 7.9, 32)  # the maximum, 7.9, has scale 2^(2 - 8) and lies above 448 x 2^-6 = 7
-    floor, ceil = (formats.parse(spec).quantize(x, "nearest", TORCH) for spec in ("mxfp8", "mxfp8-ceil"))
+    floor, ceil = (specs.parse(spec).quantize(x, "nearest", TORCH) for spec in ("mxfp8", "mxfp8-ceil"))
     assert floor.max() == 7 and ceil.max() == 8  # ceil: scale 2^-5, 7.9 rounds to 256 x 2^-5
-    assert (floor[x < 6.5] == formats.parse("fp8e4m3").quantize(x[x < 6.5], "nearest", TORCH)).all()
+    assert (floor[x < 6.5] == specs.parse("fp8e4m3").quantize(x[x < 6.5], "nearest", TORCH)).all()
 
 
 def mx_reference(x, element, rounding_up=None):
@@ -166,7 +165,7 @@ def test_mxint8_nearest_equals_a_reference_written_from_the_spec():
     x = mx_cases()
     x[3, 0] = 1.0  # the block's scale is 2^0 ...
     x[3, 1:32] = torch.arange(31) / 64 + 1 / 128  # ... and these lie halfway between multiples of 2^-6
-    ours = formats.parse("mxint8").quantize(x, "nearest", TORCH)
+    ours = specs.parse("mxint8").quantize(x, "nearest", TORCH)
     assert_bit_identical(ours, mx_reference(x, formats.ELEMENTS["int8"]))
     assert torch.equal(ours[3, 1:32] * 64, (torch.arange(31) + 0.5).round())  # ties to even
     blocks = x.reshape(-1, 32)[2:]  # (the first two blocks are zeros)
@@ -177,17 +176,17 @@ def test_mxint8_nearest_equals_a_reference_written_from_the_spec():
 def test_mx_blocks_with_inf_or_nan_become_nan_and_others_are_untouched():
     x = torch.randn(4, 64)
     x[0, 3], x[1, 40] = float("inf"), float("nan")
-    out = formats.parse("mxfp8").quantize(x, "nearest", TORCH)
+    out = specs.parse("mxfp8").quantize(x, "nearest", TORCH)
     assert out[0, :32].isnan().all() and out[1, 32:].isnan().all()
     assert not out[0, 32:].isnan().any() and not out[1, :32].isnan().any() and not out[2:].isnan().any()
 
 
 def test_ocp_fp8_equals_torch_float8_casts():
     x = torch.cat([hard_inputs(), torch.tensor([449.0, 464.0, 470.0, 500.0, 1e6, -1e6, 2.0 ** -10, 3 * 2.0 ** -10])])
-    e4m3 = formats.parse("fp8e4m3").quantize(x, "nearest", TORCH)
+    e4m3 = specs.parse("fp8e4m3").quantize(x, "nearest", TORCH)
     # torch's E4M3 cast saturates like ours, inf included; NaN stays NaN.
     assert_same_numbers(e4m3, x.to(torch.float8_e4m3fn).float())
-    e5m2 = formats.parse("fp8e5m2").quantize(x, "nearest", TORCH)
+    e5m2 = specs.parse("fp8e5m2").quantize(x, "nearest", TORCH)
     cast = x.to(torch.float8_e5m2).float()
     within = x.abs() < 61440  # halfway from 57344 to 65536: beyond it torch's cast gives inf, ours saturates
     assert_same_numbers(e5m2[within | x.isnan()], cast[within | x.isnan()])
@@ -197,19 +196,19 @@ def test_ocp_fp8_equals_torch_float8_casts():
 def test_qtorch_e4m3_and_e5m2_agree_with_torch_float8_casts_except_for_ties_and_range():
     x = hard_inputs()
     for spec, ocp, dtype in (("e4m3", "fp8e4m3", torch.float8_e4m3fn), ("e5m2", "fp8e5m2", torch.float8_e5m2)):
-        ours, theirs = formats.parse(spec).quantize(x, "nearest", TORCH), x.to(dtype).float()
+        ours, theirs = specs.parse(spec).quantize(x, "nearest", TORCH), x.to(dtype).float()
         ties = torch.tensor([1.0625, -1.0625, 1.3125, 2.0 ** -10]) if spec == "e4m3" else torch.tensor([1.125, -1.625])
-        away = formats.parse(spec).quantize(ties, "nearest", TORCH)
-        even = formats.parse(ocp).quantize(ties, "nearest", TORCH)
+        away = specs.parse(spec).quantize(ties, "nearest", TORCH)
+        even = specs.parse(ocp).quantize(ties, "nearest", TORCH)
         assert (away.abs() > even.abs()).all()  # qtorch: ties away from zero; OCP: ties to even
-        largest = formats.parse(ocp).element.largest
+        largest = specs.parse(ocp).element.largest
         ordinary = (x.abs() < largest) & ~torch.isin(x, ties)
         assert torch.equal(ours[ordinary], theirs[ordinary])  # equal values: qtorch flushes -tiny to +0
     # qtorch reserves no code for NaN or inf: its E4M3 reaches 480 and E5M2 114688.
     big = torch.tensor([1e9])
-    assert formats.parse("e4m3").quantize(big, "nearest", TORCH).item() == 480
-    assert formats.parse("e5m2").quantize(big, "nearest", TORCH).item() == 114688
-    assert formats.parse("fp8e4m3").quantize(big, "nearest", TORCH).item() == 448
+    assert specs.parse("e4m3").quantize(big, "nearest", TORCH).item() == 480
+    assert specs.parse("e5m2").quantize(big, "nearest", TORCH).item() == 114688
+    assert specs.parse("fp8e4m3").quantize(big, "nearest", TORCH).item() == 448
 
 
 def element_grid(element):
@@ -222,7 +221,7 @@ def element_grid(element):
 
 @pytest.mark.parametrize("spec", ["fp8e4m3", "fp8e5m2", "mxfp8e4m3", "mxfp6e3m2", "mxfp4", "mxint8"])
 def test_ocp_stochastic_rounding_is_unbiased_between_the_two_neighbours(spec):
-    number_format = formats.parse(spec)
+    number_format = specs.parse(spec)
     element = number_format.element
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(32, generator=generator) * element.largest * 0.9 - element.largest * 0.45
@@ -246,8 +245,8 @@ def test_ocp_stochastic_rounding_is_unbiased_between_the_two_neighbours(spec):
 
 def test_mx_stochastic_rounding_uses_the_block_scale_and_follows_the_generator():
     x = torch.randn(4, 32) * 1000
-    out = formats.parse("mxfp4").quantize(x, "stochastic", TORCH, torch.Generator().manual_seed(3))
-    again = formats.parse("mxfp4").quantize(x, "stochastic", TORCH, torch.Generator().manual_seed(3))
+    out = specs.parse("mxfp4").quantize(x, "stochastic", TORCH, torch.Generator().manual_seed(3))
+    again = specs.parse("mxfp4").quantize(x, "stochastic", TORCH, torch.Generator().manual_seed(3))
     assert torch.equal(out, again)
     scale = 2.0 ** (torch.floor(torch.log2(x.abs().amax(1, keepdim=True))) - 2)
     grid = torch.tensor(element_grid(formats.ELEMENTS["e2m1"]))
@@ -255,15 +254,15 @@ def test_mx_stochastic_rounding_uses_the_block_scale_and_follows_the_generator()
 
 
 def test_backends_say_which_formats_they_compute():
-    lean = quantization.Backend("lean", tq.block_quantize, tq.fixed_point_quantize, tq.float_quantize, seedable=True)
-    kinds = dict.fromkeys(quantization.NUMBER_KINDS, -1)
+    lean = backends.Backend("lean", tq.block_quantize, tq.fixed_point_quantize, tq.float_quantize, seedable=True)
+    full_precision = dict.fromkeys(kinds.NUMBER_KINDS)
     for spec in ("bfp8", "bfp8/16", "fixed8.6", "e4m3"):
-        assert lean.supports(formats.parse(spec)) and TORCH.supports(formats.parse(spec))
+        assert lean.supports(specs.parse(spec)) and TORCH.supports(specs.parse(spec))
     for spec in ("fp8e4m3", "mxfp8", "mxint8"):
-        assert TORCH.supports(formats.parse(spec)) and not lean.supports(formats.parse(spec))
-        with pytest.raises(quantization.UnsupportedFormat, match=f"the lean backend cannot compute {spec}"):
-            quantization.build_quantizers({**kinds, "weight": formats.parse(spec)}, "nearest", backend=lean)
-    quantizers = quantization.build_quantizers({**kinds, "weight": formats.parse("mxfp8"), "grad": 8}, "nearest",
+        assert TORCH.supports(specs.parse(spec)) and not lean.supports(specs.parse(spec))
+        with pytest.raises(backends.UnsupportedFormat, match=f"the lean backend cannot compute {spec}"):
+            quantizer.build_quantizers({**full_precision, "weight": specs.parse(spec)}, "nearest", backend=lean)
+    quantizers = quantizer.build_quantizers({**full_precision, "weight": specs.parse("mxfp8"), "grad": formats.BlockFormat(8)}, "nearest",
                                                backend=lean, fallback=TORCH)
     assert quantizers["weight"].backend is TORCH and quantizers["grad"].backend is lean
 

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-import train
 from experiments import linear_regression, logistic_regression
 from runs import ROOT
+from swalp.quant import kinds
+from swalp.run import arguments
 
 
 def option_blocks(help_text):
@@ -29,8 +30,8 @@ def option_blocks(help_text):
 
 @pytest.mark.parametrize("experiment", [linear_regression, logistic_regression])
 def test_convex_experiments_help_every_option_with_its_default(experiment):
-    script = os.path.join(ROOT, "experiments", f"{experiment.__name__.split('.')[-1]}.py")
-    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", experiment.__name__, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     blocks = option_blocks(result.stdout)
     options = [action for action in experiment.build_parser()._actions if action.dest != "help"]
@@ -42,8 +43,8 @@ def test_convex_experiments_help_every_option_with_its_default(experiment):
 
 
 def test_no_accumulator_is_described_alike_in_help_startup_and_readme():
-    meaning = train.unquantized("acc")
-    assert f"-1: {meaning}" in " ".join(train.build_parser().format_help().split())
+    meaning = kinds.unquantized("acc")
+    assert f"-1: {meaning}" in " ".join(arguments.build_parser().format_help().split())
     with open(os.path.join(ROOT, "README.md")) as handle:
         row = next(line for line in handle if line.startswith("| `--wl-acc`"))
     assert f"-1: {meaning}" in row

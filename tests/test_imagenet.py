@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 import models
-import utils
 from runs import ROOT, SMALL
+from swalp import errors
+from swalp.data import datasets, loaders
 
 CLASSES = ("n01440764", "n01443537")
 
@@ -33,13 +34,13 @@ def imagenet_root(tmp_path_factory):
 
 
 def test_imagenet_folders_load_with_the_standard_augmentation(imagenet_root):
-    train_set, val_set, classes = utils.load_data("ImageNet", str(imagenet_root))
+    train_set, val_set, classes = datasets.load_data("ImageNet", str(imagenet_root))
     assert classes == 2 and train_set.classes == list(CLASSES) and (len(train_set), len(val_set)) == (8, 4)
     image, label = train_set[0]
     assert image.shape == (3, 224, 224) and label == 0
     # Validation: resize 256, centre crop 224, deterministic.
     assert torch.equal(val_set[1][0], val_set[1][0])
-    seeded = utils.SeededAugmentation(train_set, seed=3)
+    seeded = loaders.SeededAugmentation(train_set, seed=3)
     first = seeded[5][0]
     assert torch.equal(first, seeded[5][0])
     seeded.set_epoch(1)
@@ -104,5 +105,5 @@ def test_train_and_val_class_folders_must_match(imagenet_root, tmp_path):
 
     shutil.copytree(imagenet_root, tmp_path / "copy")
     (tmp_path / "copy" / "val" / CLASSES[1]).rename(tmp_path / "copy" / "val" / "n99999999")
-    with pytest.raises(utils.UserError, match="class folders of .* differ"):
-        utils.load_data("ImageNet", str(tmp_path / "copy"))
+    with pytest.raises(errors.UserError, match="class folders of .* differ"):
+        datasets.load_data("ImageNet", str(tmp_path / "copy"))

@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import lowp
 import models
-import quantization
+from swalp.quant import kinds, quantizer
 
 
 def identity_quantizers():
@@ -41,7 +42,7 @@ def test_preresnet164_has_164_weighted_layers_in_bottlenecks():
 def test_vgg_layer_placement_follows_every_conv_and_linear_but_the_last():
     net = models.build_model("VGG16", num_classes=10)
     forward, backward, calls = identity_quantizers()
-    assert quantization.insert_quantizers(net, forward, backward, "layer") == 15
+    assert lowp.insert_quantizers(net, forward, backward, "layer") == 15
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
     linears = [m for m in net.classifier if isinstance(m, nn.Linear)]
     assert all(hasattr(m, "quantizer") for m in convs + linears[:2])
@@ -54,7 +55,7 @@ def test_vgg_layer_placement_follows_every_conv_and_linear_but_the_last():
 def test_vgg_relu_placement_follows_every_relu():
     net = models.build_model("VGG16BN", num_classes=10)
     forward, backward, calls = identity_quantizers()
-    assert quantization.insert_quantizers(net, forward, None, "relu") == 15
+    assert lowp.insert_quantizers(net, forward, None, "relu") == 15
     assert all(hasattr(m, "quantizer") for m in net.modules() if isinstance(m, nn.ReLU))
     net(torch.randn(2, 3, 32, 32))
     assert calls["forward"] == 15
@@ -63,7 +64,7 @@ def test_vgg_relu_placement_follows_every_relu():
 def test_preresnet_relu_placement_quantizes_before_and_after_each_block_conv():
     net = models.build_model("PreResNet20", num_classes=10)
     forward, backward, calls = identity_quantizers()
-    quantization.insert_quantizers(net, forward, None, "relu")
+    lowp.insert_quantizers(net, forward, None, "relu")
     net(torch.randn(2, 3, 32, 32))
     # Stem conv, then per basic block 2 ReLUs and 2 convs; 9 blocks.
     assert calls["forward"] == 1 + 9 * 4
@@ -73,22 +74,22 @@ def test_preresnet_relu_placement_quantizes_before_and_after_each_block_conv():
 def test_preresnet_layer_placement_spares_the_classifier():
     net = models.build_model("PreResNet20", num_classes=10)
     forward, backward, calls = identity_quantizers()
-    assert quantization.insert_quantizers(net, forward, backward, "layer") == 21  # 19 convs + 2 shortcuts
+    assert lowp.insert_quantizers(net, forward, backward, "layer") == 21  # 19 convs + 2 shortcuts
     net(torch.randn(2, 3, 32, 32))
     assert calls["forward"] == 21 and not hasattr(net.fc, "quantizer")
 
 
 def test_full_precision_inserts_no_quantizer():
     net = models.build_model("VGG16", num_classes=10)
-    quantizers = quantization.build_quantizers(dict.fromkeys(quantization.NUMBER_KINDS, -1), "stochastic")
-    assert quantizers == dict.fromkeys(quantization.NUMBER_KINDS)
-    assert quantization.insert_quantizers(net, quantizers["activate"], quantizers["error"], "layer") == 0
-    assert not any(isinstance(m, quantization.Quantizer) for m in net.modules())
+    quantizers = quantizer.build_quantizers(dict.fromkeys(kinds.NUMBER_KINDS), "stochastic")
+    assert quantizers == dict.fromkeys(kinds.NUMBER_KINDS)
+    assert lowp.insert_quantizers(net, quantizers["activate"], quantizers["error"], "layer") == 0
+    assert not any(isinstance(m, quantizer.Quantizer) for m in net.modules())
 
 
 def test_quantizers_leave_state_dict_keys_unchanged():
     net = models.build_model("VGG16BN", num_classes=10)
     keys = list(net.state_dict())
     forward, backward, _ = identity_quantizers()
-    quantization.insert_quantizers(net, forward, backward, "layer")
+    lowp.insert_quantizers(net, forward, backward, "layer")
     assert list(net.state_dict()) == keys

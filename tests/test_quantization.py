@@ -2,26 +2,25 @@ import pytest
 import torch
 import torch.nn as nn
 
+import lowp
 import models
-import quantization
-import torch_quant
-from formats import BlockFormat, FixedFormat, FloatFormat
+import swalp
 from grid import on_block_grid
-from quantization import Quantizer, TensorQuantizer
+from swalp.quant import backends, kinds, quantizer, torch_kernels
+from swalp.quant.formats import BlockFormat, FixedFormat, FloatFormat
+from swalp.quant.quantizer import Quantizer, TensorQuantizer
 
 
 @pytest.fixture(scope="module", params=["torch", "qtorch"])
 def backend(request):
     if request.param == "torch":
-        return quantization.TORCH_BACKEND
-    return quantization.load_qtorch_backend()
+        return backends.TORCH_BACKEND
+    return backends.load_qtorch_backend()
 
 
 def quantizers(backend, rounding="stochastic", **word_lengths):
-    lengths = dict.fromkeys(quantization.NUMBER_KINDS, -1)
-    lengths.update(word_lengths)
-    noise = quantization.StepNoise(seed=0)
-    return quantization.build_quantizers(lengths, rounding, backend=backend, noise=noise), noise
+    noise = swalp.StepNoise(seed=0)
+    return quantizer.build_quantizers(lowp.word_lengths(**word_lengths), rounding, backend=backend, noise=noise), noise
 
 
 class SmallNet(nn.Module):
@@ -45,7 +44,7 @@ def take_steps(net, optimizer, steps=3):
 def test_optimizer_step_puts_weights_gradients_and_momentum_on_their_grids(backend):
     net = SmallNet()
     q, noise = quantizers(backend, weight=8, grad=6, momentum=5)
-    optimizer = quantization.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=5e-4, noise=noise)
+    optimizer = lowp.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=5e-4, noise=noise)
     take_steps(net, optimizer)
     for param in net.parameters():
         assert on_block_grid(param.data, 8)
@@ -58,7 +57,7 @@ def test_optimizer_step_puts_weights_gradients_and_momentum_on_their_grids(backe
 def test_accumulator_is_kept_on_its_own_grid(backend):
     net = SmallNet()
     q, noise = quantizers(backend, weight=4, acc=12)
-    optimizer = quantization.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=0.0, noise=noise)
+    optimizer = lowp.make_optimizer(net, q, lr=0.1, momentum=0.9, weight_decay=0.0, noise=noise)
     take_steps(net, optimizer)
     for param in net.parameters():
         accumulator = optimizer.weight_acc[param]
@@ -70,8 +69,8 @@ def test_full_precision_optimizer_equals_plain_sgd():
     torch.manual_seed(1)
     net, reference = SmallNet(), SmallNet()
     reference.load_state_dict(net.state_dict())
-    optimizer = quantization.make_optimizer(net, dict.fromkeys(quantization.NUMBER_KINDS), 0.1, 0.9, 1e-4,
-                                            quantization.StepNoise(seed=0))
+    optimizer = lowp.make_optimizer(net, dict.fromkeys(kinds.NUMBER_KINDS), 0.1, 0.9, 1e-4,
+                                            swalp.StepNoise(seed=0))
     sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     take_steps(net, optimizer)
     take_steps(reference, sgd)
@@ -160,10 +159,10 @@ def test_in_place_output_rounding_matches_the_copying_one():
     nets[1].load_state_dict(nets[0].state_dict())
     forward = TensorQuantizer(BlockFormat(6), "nearest")
     backward = TensorQuantizer(BlockFormat(5), "nearest")
-    quantization.insert_quantizers(nets[0], forward, backward, "layer")
+    lowp.insert_quantizers(nets[0], forward, backward, "layer")
     for site in nets[1].quantizer_sites("layer"):  # the same sites, copying
         site.add_module("quantizer", Quantizer(forward, backward, inplace=False))
-        site.register_forward_hook(quantization._quantize_output)
+        site.register_forward_hook(quantizer._quantize_output)
     assert all(site.quantizer.inplace for site in nets[0].quantizer_sites("layer"))
     inputs = torch.randn(4, 3, 32, 32)
     outputs = [net(inputs) for net in nets]
@@ -177,14 +176,14 @@ def test_in_place_output_rounding_matches_the_copying_one():
 def test_fixed_and_floating_point_formats_round_through_either_backend(backend):
     x = torch.randn(64, 8) * 3
     fixed = TensorQuantizer(FixedFormat(8, 4), "nearest", backend)(x)
-    assert torch.equal(fixed, torch_quant.fixed_point_quantize(x, 8, 4, rounding="nearest"))
+    assert torch.equal(fixed, torch_kernels.fixed_point_quantize(x, 8, 4, rounding="nearest"))
     floating = TensorQuantizer(FloatFormat(5, 2), "nearest", backend)(x)
-    assert torch.equal(floating, torch_quant.float_quantize(x, 5, 2, "nearest"))
+    assert torch.equal(floating, torch_kernels.float_quantize(x, 5, 2, "nearest"))
     # As an activation/error quantizer, with both formats at once.
     y = Quantizer(TensorQuantizer(FixedFormat(8, 4), "nearest", backend),
                   TensorQuantizer(FloatFormat(5, 2), "nearest", backend))(x.requires_grad_())
     y.backward(torch.ones_like(y) / 3)
-    assert torch.equal(y.detach(), fixed) and torch.equal(x.grad, torch_quant.float_quantize(x.grad, 5, 2, "nearest"))
+    assert torch.equal(y.detach(), fixed) and torch.equal(x.grad, torch_kernels.float_quantize(x.grad, 5, 2, "nearest"))
 
 
 @pytest.mark.parametrize("make", [lambda: FixedFormat(1, 0), lambda: FixedFormat(40, 4),

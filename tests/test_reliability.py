@@ -15,19 +15,19 @@ import time
 import pytest
 import torch
 
-import checkpoints
-import distributed
-import run_directory
 import train
-import utils
-from cifar_fixture import patch_torchvision_md5, write_fake_cifar
 from runs import ROOT
+from swalp.data import cifar, datasets
+from swalp.data.fake_cifar import patch_torchvision_md5, write_fake_cifar
+from swalp.errors import UserError
+from swalp.run import arguments, checkpoint_files, distributed, files, run_directory
+from swalp.run.state import load_checkpoint
 
 TINY = ["--model", "PreResNet20", "--epochs", "2", "--swa_start", "1", "--batch_size", "16", "--num_workers", "0"]
 
 
 def args_for(data_path, run_dir, *extra):
-    return train.parse_args(["--data_path", str(data_path), "--dir", str(run_dir), *TINY, *map(str, extra)])
+    return arguments.parse_args(["--data_path", str(data_path), "--dir", str(run_dir), *TINY, *map(str, extra)])
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +36,13 @@ def training(cifar_root, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch_torchvision_md5(patch, json.loads((cifar_root / "md5.json").read_text()))
         run_dir = tmp_path_factory.mktemp("run")
-        yield train.Training(args_for(cifar_root, run_dir, "--wl-weight", 8, "--wl-acc", 12),
+        yield train.build(args_for(cifar_root, run_dir, "--wl-weight", 8, "--wl-acc", 12),
                              torch.device("cpu"), str(run_dir))
 
 
 @pytest.fixture(scope="module")
 def state(training):
-    return training.state_dict()
+    return training.state.state_dict()
 
 
 # ---------------------------------------------------------------- 1. one run per directory
@@ -51,7 +51,7 @@ def test_a_live_run_owns_its_directory(cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     with run_directory.claim(args_for(cifar_root, run_dir), "unused") as owner:
         for extra in ([], ["--resume", "auto"], ["--overwrite"]):
-            with pytest.raises(utils.UserError, match=rf"is in use by a live run \(process {os.getpid()} "):
+            with pytest.raises(UserError, match=rf"is in use by a live run \(process {os.getpid()} "):
                 run_directory.claim(args_for(cifar_root, run_dir, *extra), "unused")
         assert owner.lock.handle is not None
     assert os.listdir(run_dir) == []  # the lock file goes with its owner
@@ -75,13 +75,13 @@ def test_a_second_train_py_is_refused_while_the_first_is_alive(cifar_root, fake_
 def test_the_lock_dies_with_its_process(cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, run_directory, train; "
-                               "owner = run_directory.claim(train.parse_args(sys.argv[1:]), 'unused'); "
+        [sys.executable, "-c", "import sys; from swalp.run import arguments, run_directory; "
+                               "owner = run_directory.claim(arguments.parse_args(sys.argv[1:]), 'unused'); "
                                "print('locked', flush=True); sys.stdin.read()",
          "--data_path", str(cifar_root), "--dir", str(run_dir), *TINY],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
-    with pytest.raises(utils.UserError, match=f"process {holder.pid} "):
+    with pytest.raises(UserError, match=f"process {holder.pid} "):
         run_directory.claim(args_for(cifar_root, run_dir), "unused")
     holder.kill()
     holder.wait()
@@ -121,14 +121,14 @@ def bad_cifar(tmp_path, monkeypatch):
 ])
 def test_bad_data_is_named_before_training_and_overwrite_deletes_nothing(bad_cifar, tmp_path, entry, problem):
     data, path = bad_cifar(entry)
-    with pytest.raises(utils.UserError, match="^" + re.escape(f"{path}: {problem}")):
-        utils.load_data("CIFAR10", str(data))
+    with pytest.raises(UserError, match="^" + re.escape(f"{path}: {problem}")):
+        datasets.load_data("CIFAR10", str(data))
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "results.json").write_text("old")
-    with pytest.raises(utils.UserError, match="outside|labels for|images of shape"):
-        train.run(args_for(data, run_dir, "--overwrite"), distributed.World())
+    with pytest.raises(UserError, match="outside|labels for|images of shape"):
+        train.run_training(args_for(data, run_dir, "--overwrite"), distributed.World())
     assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]
 
 
@@ -137,14 +137,14 @@ def test_unreadable_data_says_permission_denied(cifar_in_process, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
     monkeypatch.setattr(os, "listdir", denied)
-    with pytest.raises(utils.UserError, match=re.escape(f"permission denied reading {cifar_in_process}; make")):
-        utils.load_cifar("CIFAR10", str(cifar_in_process))
+    with pytest.raises(UserError, match=re.escape(f"permission denied reading {cifar_in_process}; make")):
+        cifar.load_cifar("CIFAR10", str(cifar_in_process))
 
 
 # ---------------------------------------------------------------- 3. failed writes
 
 def failing_open(target, after_bytes):
-    """open() for checkpoints.py: writes to files whose name contains
+    """open() for checkpoint_files.py: writes to files whose name contains
     `target` fail with ENOSPC after `after_bytes` bytes."""
     class Full:
         def __init__(self, handle):
@@ -177,35 +177,35 @@ def test_disk_full_during_a_save_keeps_the_earlier_checkpoints_and_records_the_f
     run_dir = training.run_dir
     for name in os.listdir(run_dir):
         os.remove(os.path.join(run_dir, name))
-    training.epoch = 1
-    first = training.save()
-    training.epoch = 2
-    monkeypatch.setattr(checkpoints, "open", failing_open("checkpoint-2", 300_000), raising=False)
-    with pytest.raises(utils.UserError) as failure:
-        training.save()
+    training.state.epoch = 1
+    first = train.save(training)
+    training.state.epoch = 2
+    monkeypatch.setattr(checkpoint_files, "open", failing_open("checkpoint-2", 300_000), raising=False)
+    with pytest.raises(UserError) as failure:
+        train.save(training)
     needed = os.path.getsize(first) / 2 ** 20
     assert str(failure.value) == (
         f"cannot write {run_dir}/checkpoint-2.pt (No space left on device); the newest good checkpoint is {first}: "
         f"free at least {needed:.0f} MB in {run_dir} and resume with --resume {first}")
     assert sorted(os.listdir(run_dir)) == ["checkpoint-1.pt", "results.json"]  # no partial file
-    checkpoints.load_checkpoint(first)
+    load_checkpoint(first)
     results = json.loads(open(os.path.join(run_dir, "results.json")).read())
     assert results["status"] == "failed" and "No space left on device" in results["failure"]
 
 
 def test_a_vanished_directory_and_a_failed_results_json_are_write_failures(tmp_path, monkeypatch):
     gone = str(tmp_path / "gone")
-    with pytest.raises(utils.WriteFailed, match="No such file or directory") as failure:
-        checkpoints.save_checkpoint(gone, {"epoch": 1, "step": 0})
-    assert checkpoints.failed_write_message(gone, failure.value).endswith(
+    with pytest.raises(files.WriteFailed, match="No such file or directory") as failure:
+        checkpoint_files.save_checkpoint(gone, {"epoch": 1, "step": 0})
+    assert checkpoint_files.failed_write_message(gone, failure.value).endswith(
         f"the run directory {gone} no longer exists: restore it, or start again elsewhere")
 
     def eio(fd):
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", eio)
-    with pytest.raises(utils.WriteFailed, match="Input/output error"):
-        utils.write_json_atomic(str(tmp_path / "results.json"), {"status": "running"})
+    with pytest.raises(files.WriteFailed, match="Input/output error"):
+        files.write_json_atomic(str(tmp_path / "results.json"), {"status": "running"})
     assert os.listdir(tmp_path) == []
 
 
@@ -222,8 +222,8 @@ def malformed(state, change):
 
 
 def test_flipped_bytes_deep_in_tensor_data_are_caught(state, tmp_path):
-    older = checkpoints.save_checkpoint(str(tmp_path), {**state, "epoch": 1, "step": 0})
-    newer = checkpoints.save_checkpoint(str(tmp_path), {**state, "epoch": 2, "step": 0})
+    older = checkpoint_files.save_checkpoint(str(tmp_path), {**state, "epoch": 1, "step": 0})
+    newer = checkpoint_files.save_checkpoint(str(tmp_path), {**state, "epoch": 2, "step": 0})
     data = bytearray(open(newer, "rb").read())
     # Inside the stored bytes of the largest tensor: the file still unpickles.
     largest = max(state["model_state"].values(), key=torch.Tensor.nelement)
@@ -231,9 +231,9 @@ def test_flipped_bytes_deep_in_tensor_data_are_caught(state, tmp_path):
     data[offset:offset + 4] = b"\xff\xff\xff\x7f"
     open(newer, "wb").write(bytes(data))
     torch.load(newer, weights_only=True)
-    with pytest.raises(utils.UserError, match=re.escape(f"checkpoint {newer} is corrupt: its content does not "
+    with pytest.raises(UserError, match=re.escape(f"checkpoint {newer} is corrupt: its content does not "
                                                         f"match its checksum; resume from {older}")):
-        checkpoints.load_checkpoint(newer)
+        load_checkpoint(newer)
 
 
 @pytest.mark.parametrize("part", ["model_state", "swa_state", "momentum", "weight_acc"])
@@ -253,16 +253,16 @@ def test_nan_or_inf_in_a_checkpoint_is_refused(state, tmp_path, part):
         key = f"{part}['{name}']"
     tensor.view(-1)[0] = float("inf") if part == "swa_state" else float("nan")
     path = tmp_path / "checkpoint-3.pt"
-    torch.save(checkpoints.seal(broken), path)  # a valid checksum over a NaN
-    with pytest.raises(utils.UserError, match=f"is corrupt: {re.escape(key)}.* holds NaN or inf; "
+    torch.save(checkpoint_files.seal(broken), path)  # a valid checksum over a NaN
+    with pytest.raises(UserError, match=f"is corrupt: {re.escape(key)}.* holds NaN or inf; "
                                               f"resume from another checkpoint"):
-        checkpoints.load_checkpoint(str(path))
+        load_checkpoint(str(path))
 
 
 def test_a_checksum_survives_a_save_and_a_load(state, tmp_path):
-    path = checkpoints.save_checkpoint(str(tmp_path), state)
-    loaded = checkpoints.load_checkpoint(path)
-    assert loaded["checksum"] == checkpoints.content_checksum(state)
+    path = checkpoint_files.save_checkpoint(str(tmp_path), state)
+    loaded = load_checkpoint(path)
+    assert loaded["checksum"] == checkpoint_files.content_checksum(state)
 
 
 # ---------------------------------------------------------------- 5. structure
@@ -287,13 +287,13 @@ def test_a_checksum_survives_a_save_and_a_load(state, tmp_path):
     (lambda s: s["epoch_totals"].update(collected_at=[None]), r"epoch_totals\['collected_at'\] must be a list of step"),
 ])
 def test_a_malformed_checkpoint_names_its_first_bad_field(state, training, change, message):
-    with pytest.raises(utils.UserError, match=f"^checkpoint x.pt is malformed: {message}"):
-        training.load_state_dict(malformed(state, change), "x.pt")
+    with pytest.raises(UserError, match=f"^checkpoint x.pt is malformed: {message}"):
+        training.state.load_state_dict(malformed(state, change), "x.pt")
 
 
 def test_resuming_beyond_epochs_is_refused(state, training):
-    with pytest.raises(utils.UserError, match="is after epoch 3, beyond --epochs 2; resume with --epochs 3 or more"):
-        training.load_state_dict({**state, "epoch": 3}, "x.pt")
+    with pytest.raises(UserError, match="is after epoch 3, beyond --epochs 2; resume with --epochs 3 or more"):
+        training.state.load_state_dict({**state, "epoch": 3}, "x.pt")
 
 
 # ---------------------------------------------------------------- 6 and 7. flags
@@ -312,39 +312,40 @@ def test_resuming_beyond_epochs_is_refused(state, training):
 ])
 def test_flags_that_would_do_nothing_or_are_no_numbers_are_refused(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
-        train.parse_args(["--data_path", "data", "--model", "VGG16", *flags])
+        arguments.parse_args(["--data_path", "data", "--model", "VGG16", *flags])
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
 
 
 def test_format_for_every_kind_with_no_momentum_is_accepted():
-    args = train.parse_args(["--data_path", "data", "--model", "VGG16", "--format", "e4m3", "--momentum", "0"])
-    assert args.format_weight == "e4m3" and args.format_momentum == "e4m3"
+    args = arguments.parse_args(["--data_path", "data", "--model", "VGG16", "--format", "e4m3", "--momentum", "0"])
+    config = arguments.config(args)
+    assert config["format_weight"] == "e4m3" and config["format_momentum"] == "e4m3"
 
 
 def test_overwrite_with_a_resume_of_the_same_run_is_refused(cifar_root, tmp_path):
-    with pytest.raises(utils.UserError, match="--overwrite starts afresh and --resume auto continues"):
+    with pytest.raises(UserError, match="--overwrite starts afresh and --resume auto continues"):
         run_directory.claim(args_for(cifar_root, tmp_path / "run", "--resume", "auto", "--overwrite"), "unused")
     assert not (tmp_path / "run").exists()
 
 
 def test_resume_of_a_directory_says_so(cifar_root, tmp_path):
-    with pytest.raises(utils.UserError, match=re.escape(f"--resume {tmp_path} is a directory; pass one of its ")):
+    with pytest.raises(UserError, match=re.escape(f"--resume {tmp_path} is a directory; pass one of its ")):
         run_directory.claim(args_for(cifar_root, tmp_path / "run", "--resume", tmp_path), "unused")
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("interruption, code, message", [
     (KeyboardInterrupt, 130, "error: interrupted by Ctrl-C before training started"),
-    (utils.UserError("bad data"), 2, "error: bad data"),
+    (UserError("bad data"), 2, "error: bad data"),
 ])
 def test_a_run_that_ends_before_training_leaves_no_empty_directory(
         cifar_root, tmp_path, monkeypatch, capsys, interruption, code, message):
     def fail(*args, **kwargs):
         raise interruption
 
-    monkeypatch.setattr(train, "Training", fail)
+    monkeypatch.setattr(train, "build", fail)
     run_dir = tmp_path / "new" / "run"
     with pytest.raises(SystemExit) as exit_:
         train.main(["--data_path", str(cifar_root), "--dir", str(run_dir), *TINY])
@@ -376,10 +377,10 @@ def test_keep_checkpoints_keeps_the_newest_and_the_one_at_swa_start(training, mo
     for name in os.listdir(run_dir):
         os.remove(os.path.join(run_dir, name))
     for epoch in range(5):
-        training.epoch = epoch
-        training.save()
-    training.epoch_totals["steps"] = 1  # a mid-epoch checkpoint does not count
-    training.save()
-    training.epoch_totals["steps"] = 0
+        training.state.epoch = epoch
+        train.save(training)
+    training.state.epoch_totals["steps"] = 1  # a mid-epoch checkpoint does not count
+    train.save(training)
+    training.state.epoch_totals["steps"] = 0
     assert sorted(os.listdir(run_dir)) == [
         "checkpoint-1.pt", "checkpoint-3.pt", "checkpoint-4-step1.pt", "checkpoint-4.pt"]

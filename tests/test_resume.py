@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import checkpoints
 from runs import LOW_PRECISION_RUN, SMALL, assert_same_run, start_train, table_rows, wait_for
+from swalp.run import arguments, checkpoint_files
 
 FP_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 2, "--swa_start", 1, *SMALL]
 
@@ -242,7 +242,7 @@ def test_a_mid_epoch_checkpoint_needs_the_same_process_count(run_train, fp_check
     checkpoint.update(step=1, world_size=2)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    torch.save(checkpoints.seal(checkpoint), run_dir / "checkpoint-1-step1.pt")
+    torch.save(checkpoint_files.seal(checkpoint), run_dir / "checkpoint-1-step1.pt")
     result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", "auto")
     one_line_error(result, "is mid-epoch and was written by 2 process(es), this run has 1")
 
@@ -250,26 +250,26 @@ def test_a_mid_epoch_checkpoint_needs_the_same_process_count(run_train, fp_check
 def test_a_stop_at_an_epochs_last_step_saves_before_evaluating(cifar_in_process, tmp_path):
     import train
 
-    args = train.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "2",
+    args = arguments.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "2",
                              "--swa_start", "1", "--batch_size", "16", "--num_workers", "0", "--dir", str(tmp_path)])
-    training = train.Training(args, torch.device("cpu"), str(tmp_path))
+    training = train.build(args, torch.device("cpu"), str(tmp_path))
     training.open_logs(resumed=False)
     steps = training.steps_per_epoch
 
     class StopAtLastStep:
         def __bool__(self):
-            return training.epoch_totals["steps"] == steps
+            return training.state.epoch_totals["steps"] == steps
 
-    assert not training.train_steps(StopAtLastStep())
-    path = training.save()
+    assert not train.train_epoch(training, StopAtLastStep())
+    path = train.save(training)
     assert os.path.basename(path) == f"checkpoint-0-step{steps}.pt"
-    assert training.history == []  # no evaluation yet
+    assert training.state.history == []  # no evaluation yet
 
-    resumed = train.Training(args, torch.device("cpu"), str(tmp_path))
-    resumed.load_state_dict(torch.load(path, weights_only=True), path)
+    resumed = train.build(args, torch.device("cpu"), str(tmp_path))
+    resumed.state.load_state_dict(torch.load(path, weights_only=True), path)
     resumed.open_logs(resumed=True)
-    assert resumed.train_steps(stop=False)  # nothing left to train in this epoch
-    record = resumed.finish_epoch()
+    assert train.train_epoch(resumed, stop=False)  # nothing left to train in this epoch
+    record = train.finish_epoch(resumed)
     assert record["epoch"] == 1 and record["swa_n"] == 1 and record["test_accuracy"] is not None
     training.close_logs()
     resumed.close_logs()

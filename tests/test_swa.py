@@ -3,9 +3,12 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lowp
 import models
-import quantization
 import swa
+import swalp
+from swalp.quant import quantizer
+from swalp.run import arguments
 
 
 @pytest.mark.parametrize("epoch, expected", [
@@ -36,12 +39,11 @@ def lp_preresnet(seed=0):
     torch.manual_seed(seed)
     net = models.build_model("PreResNet20", num_classes=10)
     swa_model = AveragedModel(net)
-    lengths = dict.fromkeys(quantization.NUMBER_KINDS, 8)
-    lengths["acc"] = -1
-    noise = quantization.StepNoise(seed)
-    q = quantization.build_quantizers(lengths, "stochastic", noise=noise)
-    quantization.insert_quantizers(net, q["activate"], q["error"], "layer")
-    return net, swa_model, quantization.make_optimizer(net, q, 0.05, 0.9, 5e-4, noise)
+    noise = swalp.StepNoise(seed)
+    q = quantizer.build_quantizers(lowp.word_lengths(weight=8, activate=8, grad=8, error=8, momentum=8), "stochastic",
+                                   noise=noise)
+    lowp.insert_quantizers(net, q["activate"], q["error"], "layer")
+    return net, swa_model, lowp.make_optimizer(net, q, 0.05, 0.9, 5e-4, noise)
 
 
 def test_swa_weights_are_the_mean_of_the_collected_low_precision_weights():
@@ -57,7 +59,7 @@ def test_swa_weights_are_the_mean_of_the_collected_low_precision_weights():
     for index, averaged in enumerate(swa_model.module.parameters()):
         mean = torch.stack([weights[index] for weights in collected]).double().mean(0)
         torch.testing.assert_close(averaged.double(), mean, rtol=1e-6, atol=1e-7)
-    assert not any(isinstance(m, quantization.Quantizer) for m in swa_model.modules())
+    assert not any(isinstance(m, quantizer.Quantizer) for m in swa_model.modules())
 
 
 def test_bn_statistics_of_the_swa_model_are_recomputed_over_the_data():
@@ -117,26 +119,26 @@ def test_collection_steps(options, collected):
 def test_models_collected_within_an_epoch_are_averaged(cifar_in_process, tmp_path):
     import train
 
-    args = train.parse_args([
+    args = arguments.parse_args([
         "--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "2", "--swa_start", "1",
         "--swa_c_steps", "1", "--batch_size", "16", "--num_workers", "0", "--dir", str(tmp_path)])
-    training = train.Training(args, torch.device("cpu"), str(tmp_path))
+    training = train.build(args, torch.device("cpu"), str(tmp_path))
     training.open_logs(resumed=False)
     collected = []
-    original = training.swa_model.update_parameters
+    original = training.state.swa_model.update_parameters
 
     def record(net):
         collected.append([p.detach().clone() for p in net.parameters()])
         original(net)
 
-    training.swa_model.update_parameters = record
+    training.state.swa_model.update_parameters = record
     for _ in range(2):
-        assert training.train_steps(stop=False)
-        training.finish_epoch()
+        assert train.train_epoch(training, stop=False)
+        train.finish_epoch(training)
     training.close_logs()
     steps = training.steps_per_epoch
-    assert [record["collected_at_steps"] for record in training.history] == [[], list(range(steps + 1, 2 * steps + 1))]
-    assert int(training.swa_model.n_averaged) == len(collected) == steps
-    for index, averaged in enumerate(training.swa_model.module.parameters()):
+    assert [record["collected_at_steps"] for record in training.state.history] == [[], list(range(steps + 1, 2 * steps + 1))]
+    assert int(training.state.swa_model.n_averaged) == len(collected) == steps
+    for index, averaged in enumerate(training.state.swa_model.module.parameters()):
         mean = torch.stack([weights[index] for weights in collected]).double().mean(0)
         torch.testing.assert_close(averaged.double(), mean, rtol=1e-6, atol=1e-7)

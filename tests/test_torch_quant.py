@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import quantization
-import torch_quant as tq
+import swalp
+from swalp.quant import torch_kernels as tq
 
 qtorch_quant = pytest.importorskip("qtorch.quant")
 
@@ -208,13 +208,13 @@ def test_step_noise_repeats_per_step_and_differs_between_steps():
             noise.advance()
         return out
 
-    a, b = draws(quantization.StepNoise(7), 3), draws(quantization.StepNoise(7), 3)
+    a, b = draws(swalp.StepNoise(7), 3), draws(swalp.StepNoise(7), 3)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], a[1])
-    resumed = quantization.StepNoise(7)
+    resumed = swalp.StepNoise(7)
     resumed.seek(2)
     assert torch.equal(draws(resumed, 1)[0], a[2])
-    assert not torch.equal(draws(quantization.StepNoise(8), 1)[0], a[0])
+    assert not torch.equal(draws(swalp.StepNoise(8), 1)[0], a[0])
 
 
 def test_empty_tensors_and_wrong_dtypes():

@@ -10,13 +10,16 @@ import sys
 import pytest
 import torch
 
-import formats
-import quantization
-import triton_interpreted
+import swalp
 import train
-from cifar_fixture import write_fake_cifar
+import triton_interpreted
 from runs import EIGHT_BIT, ROOT, assert_same_run, table_rows
-from utils import UserError
+from swalp.data.fake_cifar import write_fake_cifar
+from swalp.errors import UserError
+from swalp.quant import backends, formats, quantizer
+from swalp.quant import noise as noise_streams
+from swalp.run import arguments, rng
+from swalp.run.quantizers import choose_quantizers
 
 pytest.importorskip("triton")
 
@@ -81,100 +84,96 @@ def test_training_on_the_triton_backend_resumes_exactly(tiny_cifar, tmp_path):
 
 
 def test_step_noise_keys_share_the_optimizer_stream_across_ranks_only():
-    ranks = [quantization.StepNoise(9, step=4, rank=rank) for rank in (0, 1)]
-    optimizer_keys = {noise.key(2, quantization.OPTIMIZER_STREAM) for noise in ranks}
-    assert optimizer_keys == {(9, 2, 4, quantization.OPTIMIZER_STREAM)}
-    for stream in (quantization.FORWARD_STREAM, quantization.BACKWARD_STREAM):
+    ranks = [swalp.StepNoise(9, step=4, rank=rank) for rank in (0, 1)]
+    optimizer_keys = {noise.key(2, noise_streams.OPTIMIZER_STREAM) for noise in ranks}
+    assert optimizer_keys == {(9, 2, 4, noise_streams.OPTIMIZER_STREAM)}
+    for stream in (noise_streams.FORWARD_STREAM, noise_streams.BACKWARD_STREAM):
         assert ranks[0].key(2, stream) != ranks[1].key(2, stream)
     assert len({ranks[0].key(2, stream) for stream in range(4)}) == 4
-    assert ranks[0].key(2, quantization.FORWARD_STREAM) != ranks[0].key(3, quantization.FORWARD_STREAM)
+    assert ranks[0].key(2, noise_streams.FORWARD_STREAM) != ranks[0].key(3, noise_streams.FORWARD_STREAM)
 
 
 def test_passes_without_gradients_draw_anew_until_the_next_step():
-    noise = quantization.StepNoise(9)
-    keys = [noise.key(5, quantization.NO_GRAD_STREAM) for _ in range(3)]
+    noise = swalp.StepNoise(9)
+    keys = [noise.key(5, noise_streams.NO_GRAD_STREAM) for _ in range(3)]
     assert len(set(keys)) == 3 and {key.identity & 0xFFF for key in keys} == {5}
-    assert noise.key(5, quantization.FORWARD_STREAM) == noise.key(5, quantization.FORWARD_STREAM)
+    assert noise.key(5, noise_streams.FORWARD_STREAM) == noise.key(5, noise_streams.FORWARD_STREAM)
     noise.advance()
-    assert noise.key(5, quantization.NO_GRAD_STREAM) == keys[0]._replace(step=1)
-    resumed = quantization.StepNoise(9)
+    assert noise.key(5, noise_streams.NO_GRAD_STREAM) == keys[0]._replace(step=1)
+    resumed = swalp.StepNoise(9)
     resumed.seek(1)
-    assert resumed.key(5, quantization.NO_GRAD_STREAM) == keys[0]._replace(step=1)
+    assert resumed.key(5, noise_streams.NO_GRAD_STREAM) == keys[0]._replace(step=1)
 
 
 def test_a_training_pass_rounds_on_the_forward_stream_and_evaluation_on_its_own():
     seen = []
 
-    class Recording(quantization.TensorQuantizer):
-        def __call__(self, x, inplace=False, identity=0, stream=quantization.OPTIMIZER_STREAM):
+    class Recording(quantizer.TensorQuantizer):
+        def __call__(self, x, inplace=False, identity=0, stream=noise_streams.OPTIMIZER_STREAM):
             seen.append((identity, stream))
             return x.clone()
 
     recording = Recording(formats.BlockFormat(8), "nearest")
-    site = quantization.Quantizer(recording, recording, site=7)
+    site = quantizer.Quantizer(recording, recording, site=7)
     x = torch.randn(2, 3, requires_grad=True)
     site(x).sum().backward()
     with torch.no_grad():
         site(x)
-    assert seen == [(7, quantization.FORWARD_STREAM), (7, quantization.BACKWARD_STREAM),
-                    (7, quantization.NO_GRAD_STREAM)]
+    assert seen == [(7, noise_streams.FORWARD_STREAM), (7, noise_streams.BACKWARD_STREAM),
+                    (7, noise_streams.NO_GRAD_STREAM)]
 
 
 def test_a_format_a_backend_lacks_is_refused_in_one_line():
-    block_only = quantization.TORCH_BACKEND._replace(name="blocky", fixed=None, block_sizes=False)
-    with pytest.raises(quantization.UnsupportedFormat, match="the blocky backend cannot round FixedFormat"):
-        quantization.TensorQuantizer(formats.FixedFormat(8, 4), "nearest", block_only)
-    with pytest.raises(quantization.UnsupportedFormat, match="the blocky backend cannot round BlockFloatingPoint"):
-        quantization.TensorQuantizer(formats.BlockFormat(8, block_size=32), "nearest", block_only)
-    quantization.TensorQuantizer(formats.BlockFormat(8), "nearest", block_only)
+    block_only = backends.TORCH_BACKEND._replace(name="blocky", fixed=None, block_sizes=False)
+    with pytest.raises(backends.UnsupportedFormat, match="the blocky backend cannot round FixedFormat"):
+        quantizer.TensorQuantizer(formats.FixedFormat(8, 4), "nearest", block_only)
+    with pytest.raises(backends.UnsupportedFormat, match="the blocky backend cannot round BlockFloatingPoint"):
+        quantizer.TensorQuantizer(formats.BlockFormat(8, block_size=32), "nearest", block_only)
+    quantizer.TensorQuantizer(formats.BlockFormat(8), "nearest", block_only)
 
 
 def test_a_quantizer_on_a_backend_without_batched_kernels_rounds_a_list_one_tensor_at_a_time():
     torch.manual_seed(0)
     tensors = [torch.randn(4, 3) * 10, torch.randn(5)]
-    expected = [formats.BlockFormat(6).quantize(t, "nearest", quantization.TORCH_BACKEND) for t in tensors]
-    quantizer = quantization.TensorQuantizer(formats.BlockFormat(6), "nearest", quantization.TORCH_BACKEND)
+    expected = [formats.BlockFormat(6).quantize(t, "nearest", backends.TORCH_BACKEND) for t in tensors]
+    rounding = quantizer.TensorQuantizer(formats.BlockFormat(6), "nearest", backends.TORCH_BACKEND)
     out = [torch.empty_like(t) for t in tensors]
-    quantizer.round_many(tensors, identity=0, out=out)
+    rounding.round_many(tensors, identity=0, out=out)
     assert all(torch.equal(a, b) for a, b in zip(out, expected))
-    quantizer.round_many(tensors, identity=0)
+    rounding.round_many(tensors, identity=0)
     assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
 
 
 def test_triton_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
-    import triton_quant
+    from swalp.quant import triton_kernels
 
-    monkeypatch.setattr(triton_quant, "INTERPRETING", False)
-    args = train.parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8", "--quant-backend", "triton"])
+    monkeypatch.setattr(triton_kernels, "INTERPRETING", False)
+    args = arguments.parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8", "--quant-backend", "triton"])
     with pytest.raises(UserError, match="^--quant-backend triton: Triton's kernels run on CUDA devices") as error:
-        train.build_quantizers(args, torch.device("cpu"), quantization.StepNoise(0))
+        choose_quantizers(args, torch.device("cpu"), swalp.StepNoise(0))
     assert "\n" not in str(error.value) and str(error.value).endswith("use --quant-backend torch")
 
 
 def test_deterministic_flag_asks_for_deterministic_kernels(cifar_in_process, tmp_path, monkeypatch):
-    import seeding
-
     class Reached(Exception):
         pass
 
     def record():
         raise Reached
 
-    monkeypatch.setattr(seeding, "use_deterministic_algorithms", record)
+    monkeypatch.setattr(rng, "use_deterministic_algorithms", record)
     with pytest.raises(Reached):
         train.main(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "1",
                     "--swa_start", "1", "--num_workers", "0", "--dir", str(tmp_path / "run"), "--deterministic"])
 
 
 def test_deterministic_algorithms_settings(monkeypatch):
-    import seeding
-
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)  # restored after the test
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        seeding.use_deterministic_algorithms()
+        rng.use_deterministic_algorithms()
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

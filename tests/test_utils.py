@@ -4,13 +4,15 @@ import sys
 import pytest
 import torch
 
-import checkpoints
 import utils
+from swalp import errors
+from swalp.data import cifar, loaders
+from swalp.run import checkpoint_files, files, rng
 
 
 def test_fake_cifar_loads_through_torchvision(cifar_in_process):
     for name, classes in (("CIFAR10", 10), ("CIFAR100", 100)):
-        train_set, test_set = utils.load_cifar(name, str(cifar_in_process))
+        train_set, test_set = cifar.load_cifar(name, str(cifar_in_process))
         assert (len(train_set), len(test_set)) == (40, 20)
         assert len(train_set.classes) == classes
         image, label = train_set[0]
@@ -18,9 +20,9 @@ def test_fake_cifar_loads_through_torchvision(cifar_in_process):
 
 
 def test_test_images_are_only_normalised(cifar_in_process):
-    _, test_set = utils.load_cifar("CIFAR10", str(cifar_in_process))
+    _, test_set = cifar.load_cifar("CIFAR10", str(cifar_in_process))
     raw = torch.from_numpy(test_set.data[0]).permute(2, 0, 1).float() / 255
-    mean, std = torch.tensor(utils.CIFAR_MEAN).view(3, 1, 1), torch.tensor(utils.CIFAR_STD).view(3, 1, 1)
+    mean, std = torch.tensor(cifar.CIFAR_MEAN).view(3, 1, 1), torch.tensor(cifar.CIFAR_STD).view(3, 1, 1)
     torch.testing.assert_close(test_set[0][0], (raw - mean) / std)
 
 
@@ -32,15 +34,15 @@ def test_corrupt_data_file_is_a_user_error(cifar_in_process, tmp_path, monkeypat
     with open(copy / "cifar10" / "cifar-10-batches-py" / "data_batch_3", "ab") as handle:
         handle.write(b"garbage")
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
-    with pytest.raises(utils.UserError, match="missing or corrupt and could not be downloaded"):
-        utils.load_cifar("CIFAR10", str(copy))
+    with pytest.raises(errors.UserError, match="missing or corrupt and could not be downloaded"):
+        cifar.load_cifar("CIFAR10", str(copy))
 
 
 def test_train_order_depends_only_on_seed_and_epoch(cifar_in_process):
-    train_set, test_set = utils.load_cifar("CIFAR10", str(cifar_in_process))
+    train_set, test_set = cifar.load_cifar("CIFAR10", str(cifar_in_process))
 
     def order(seed, epoch):
-        loader, _, _ = utils.make_loaders(train_set, test_set, 8, 0, seed, pin_memory=False)
+        loader, _, _ = loaders.make_loaders(train_set, test_set, 8, 0, seed, pin_memory=False)
         loader.sampler.set_epoch(epoch)
         return list(loader.sampler)
 
@@ -61,7 +63,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     for tty in (True, False):
         stream = Terminal(tty)
         monkeypatch.setattr(sys, "stderr", stream)
-        assert list(utils._progress(range(3), "epoch 1/9")) == [0, 1, 2]
+        assert list(utils.progress(range(3), "epoch 1/9")) == [0, 1, 2]
         assert ("epoch 1/9" in stream.getvalue()) == tty
 
 
@@ -78,10 +80,10 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    state = utils.rng_state()
+    state = rng.rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    path = checkpoints.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "rng": state})
-    utils.set_rng_state(torch.load(path, weights_only=True)["rng"])
+    path = checkpoint_files.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "rng": state})
+    rng.set_rng_state(torch.load(path, weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -90,40 +92,40 @@ def batches(loader):
 
 
 def test_augmentation_does_not_depend_on_workers_or_on_where_an_epoch_starts(cifar_in_process):
-    train_set, test_set = utils.load_cifar("CIFAR10", str(cifar_in_process))
-    in_process, _, _ = utils.make_loaders(train_set, test_set, 8, 0, seed=4, pin_memory=False)
-    with_workers, _, _ = utils.make_loaders(train_set, test_set, 8, 2, seed=4, pin_memory=False)
-    utils.set_epoch(in_process, 3)
-    utils.set_epoch(with_workers, 3)
+    train_set, test_set = cifar.load_cifar("CIFAR10", str(cifar_in_process))
+    in_process, _, _ = loaders.make_loaders(train_set, test_set, 8, 0, seed=4, pin_memory=False)
+    with_workers, _, _ = loaders.make_loaders(train_set, test_set, 8, 2, seed=4, pin_memory=False)
+    loaders.set_epoch(in_process, 3)
+    loaders.set_epoch(with_workers, 3)
     whole = batches(in_process)
     torch.manual_seed(123)  # the global generator plays no part
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, batches(with_workers)))
-    utils.set_epoch(in_process, 3, start_step=2)
+    loaders.set_epoch(in_process, 3, start_step=2)
     tail = batches(in_process)
     assert len(tail) == len(whole) - 2
     assert all(torch.equal(a[0], b[0]) for a, b in zip(whole[2:], tail))
-    utils.set_epoch(in_process, 4)
+    loaders.set_epoch(in_process, 4)
     assert not torch.equal(batches(in_process)[0][0], whole[0][0])
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = checkpoints.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.ones(3)})
+    path = checkpoint_files.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.ones(3)})
 
     def crash(obj, handle):
         handle.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(utils.WriteFailed, match="disk full"):
-        checkpoints.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.zeros(3)})
+    with pytest.raises(files.WriteFailed, match="disk full"):
+        checkpoint_files.save_checkpoint(str(tmp_path), {"epoch": 1, "step": 0, "weights": torch.zeros(3)})
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.pt"]  # no partial file
 
 
 def test_mid_epoch_checkpoints_supersede_each_other(tmp_path):
     for epoch, step in ((1, 0), (1, 1), (1, 2), (2, 0), (2, 1)):
-        checkpoints.save_checkpoint(str(tmp_path), {"epoch": epoch, "step": step})
-    assert [(e, s) for e, s, _ in checkpoints.list_checkpoints(str(tmp_path))] == [(1, 0), (2, 0), (2, 1)]
+        checkpoint_files.save_checkpoint(str(tmp_path), {"epoch": epoch, "step": step})
+    assert [(e, s) for e, s, _ in checkpoint_files.list_checkpoints(str(tmp_path))] == [(1, 0), (2, 0), (2, 1)]
 
 
 def test_unreadable_data_with_valid_checksums_is_a_user_error(cifar_in_process, tmp_path, monkeypatch):
@@ -137,5 +139,5 @@ def test_unreadable_data_with_valid_checksums_is_a_user_error(cifar_in_process, 
     garbage = copy / "cifar10" / "cifar-10-batches-py" / "test_batch"
     garbage.write_bytes(b"not a pickle")
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", hashlib.md5(b"not a pickle").hexdigest()]])
-    with pytest.raises(utils.UserError, match="cannot be read"):
-        utils.load_cifar("CIFAR10", str(copy))
+    with pytest.raises(errors.UserError, match="cannot be read"):
+        cifar.load_cifar("CIFAR10", str(copy))

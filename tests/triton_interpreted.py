@@ -25,11 +25,11 @@ import torch.nn as nn
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(TESTS), TESTS]
 
-import formats  # noqa: E402
-import quantization  # noqa: E402
-import torch_quant  # noqa: E402
+import lowp  # noqa: E402
+import swalp  # noqa: E402
 from grid import on_block_grid  # noqa: E402
-from seeding import NoiseKey  # noqa: E402
+from swalp.quant import backends, formats, quantizer, torch_kernels  # noqa: E402
+from swalp.quant.noise import NoiseKey  # noqa: E402
 
 CHECKS = {}
 
@@ -63,12 +63,12 @@ def special_values():
 
 @check
 def block_nearest_is_bit_identical_to_the_torch_backend(work):
-    import triton_quant as tq
+    from swalp.quant import triton_kernels as tq
 
     x = hard_inputs()
     for wl in (2, 3, 8, 16, 22):
         for dim in (-1, 0, 1, 2, 3):
-            expected = torch_quant.block_quantize(x, wl, dim, "nearest")
+            expected = torch_kernels.block_quantize(x, wl, dim, "nearest")
             assert_bit_identical(tq.block_quantize(x, wl, dim, "nearest"), expected, (wl, dim))
             in_place = x.clone()
             assert tq.block_quantize(in_place, wl, dim, "nearest", inplace=True) is in_place
@@ -78,13 +78,13 @@ def block_nearest_is_bit_identical_to_the_torch_backend(work):
     for name, view in views.items():
         for dim in (-1, 0):
             assert_bit_identical(tq.block_quantize(view, 8, dim, "nearest"),
-                                 torch_quant.block_quantize(view, 8, dim, "nearest"), (name, dim))
+                                 torch_kernels.block_quantize(view, 8, dim, "nearest"), (name, dim))
     assert tq.block_quantize(torch.empty(0, 3), 8, 0).shape == (0, 3)
 
 
 @check
 def fixed_and_float_nearest_are_bit_identical_to_the_torch_backend(work):
-    import triton_quant as tq
+    from swalp.quant import triton_kernels as tq
 
     specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
     for wl, fl in ((8, 4), (4, 2), (16, 8), (8, 12), (32, 16), (8, -2)):
@@ -93,17 +93,17 @@ def fixed_and_float_nearest_are_bit_identical_to_the_torch_backend(work):
         for clamp in (True, False):
             for symmetric in (True, False):
                 assert_bit_identical(tq.fixed_point_quantize(x, wl, fl, clamp, symmetric, "nearest"),
-                                     torch_quant.fixed_point_quantize(x, wl, fl, clamp, symmetric, "nearest"),
+                                     torch_kernels.fixed_point_quantize(x, wl, fl, clamp, symmetric, "nearest"),
                                      ("fixed", wl, fl, clamp, symmetric))
     x = torch.cat([hard_inputs().flatten(), specials])
     for exp, man in ((8, 7), (5, 2), (5, 10), (4, 3), (3, 1), (8, 22), (2, 0)):
         assert_bit_identical(tq.float_quantize(x, exp, man, "nearest"),
-                             torch_quant.float_quantize(x, exp, man, "nearest"), ("float", exp, man))
+                             torch_kernels.float_quantize(x, exp, man, "nearest"), ("float", exp, man))
 
 
 @check
 def batched_rounding_equals_rounding_one_tensor_at_a_time(work):
-    import triton_quant as tq
+    from swalp.quant import triton_kernels as tq
 
     torch.manual_seed(0)
     shapes = [(4, 3, 3, 3), (4,), (10, 12), (7,), (2, 5)]
@@ -112,7 +112,7 @@ def batched_rounding_equals_rounding_one_tensor_at_a_time(work):
              formats.FixedFormat(8, 4), formats.FloatFormat(5, 2)]
     for number_format in cases:
         tensors = [torch.randn(shape) * 10.0 ** torch.randint(-3, 3, ()) for shape in shapes]
-        expected = [number_format.quantize(t, "nearest", quantization.TORCH_BACKEND) for t in tensors]
+        expected = [number_format.quantize(t, "nearest", backends.TORCH_BACKEND) for t in tensors]
         originals = [t.clone() for t in tensors]
         out = [torch.empty_like(t) for t in tensors]
         tq.round_many(tensors, number_format, "nearest", out=out)
@@ -126,7 +126,7 @@ def batched_rounding_equals_rounding_one_tensor_at_a_time(work):
 
 @check
 def block_stochastic_lands_on_a_neighbour_with_the_right_probability(work):
-    import triton_quant as tq
+    from swalp.quant import triton_kernels as tq
     from test_torch_quant import block_neighbours
 
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def block_stochastic_lands_on_a_neighbour_with_the_right_probability(work):
 
 @check
 def fixed_and_float_stochastic_round_to_a_neighbour_either_way(work):
-    import triton_quant as tq
+    from swalp.quant import triton_kernels as tq
 
     torch.manual_seed(0)
     x = torch.randn(2000)
@@ -171,7 +171,7 @@ def fixed_and_float_stochastic_round_to_a_neighbour_either_way(work):
 
 @check
 def noise_is_a_function_of_seed_step_identity_domain_and_index(work):
-    import triton_quant as tq
+    from swalp.quant import triton_kernels as tq
 
     torch.manual_seed(0)
     x = torch.randn(64, 100)
@@ -198,7 +198,7 @@ NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::split", "aten::split_with
 
 @check
 def one_tensor_costs_two_kernels_and_a_fill_and_nothing_is_read_back(work):
-    import triton_quant as tq
+    from swalp.quant import triton_kernels as tq
 
     key = NoiseKey(1, 0, 0, 0)
     tensors = [torch.randn(8, 4, 3, 3), torch.randn(8), torch.randn(10, 8)]
@@ -238,13 +238,12 @@ def tiny_training(seed, rank=0, steps=2, wrap=None):
     """A TinyNet trained a few steps in 8 bits on the triton backend."""
     torch.manual_seed(0)
     net = TinyNet()
-    noise = quantization.StepNoise(seed, rank=rank)
-    backend, _ = quantization.select_backend("triton", torch.device("cpu"))
-    lengths = dict.fromkeys(quantization.NUMBER_KINDS, 8)
-    lengths["acc"] = 12
-    quantizers = quantization.build_quantizers(lengths, "stochastic", backend=backend, noise=noise)
-    quantization.insert_quantizers(net, quantizers["activate"], quantizers["error"], "layer")
-    optimizer = quantization.make_optimizer(net, quantizers, 0.1, 0.9, 5e-4, noise)
+    noise = swalp.StepNoise(seed, rank=rank)
+    backend, _ = backends.choose_backend("triton", torch.device("cpu"))
+    lengths = lowp.word_lengths(weight=8, activate=8, grad=8, error=8, momentum=8, acc=12)
+    quantizers = quantizer.build_quantizers(lengths, "stochastic", backend=backend, noise=noise)
+    lowp.insert_quantizers(net, quantizers["activate"], quantizers["error"], "layer")
+    optimizer = lowp.make_optimizer(net, quantizers, 0.1, 0.9, 5e-4, noise)
     assert optimizer.batched
     model = wrap(net) if wrap else net
     data = torch.Generator().manual_seed(100 + rank)

@@ -1,172 +1,156 @@
-"""Checkpoint files: names, atomic saves that fail cleanly, pruning, and
-loading that refuses damaged content.
+"""The checkpoint schema: what a checkpoint of a run holds, and every check
+made before one is used.
 
-Every checkpoint carries a checksum (CRC-32) of its content (each tensor's
-bytes and every plain value), computed when it is saved and verified when
-it is loaded, so that bytes changed on disk are caught even where the file
-still unpickles. A checkpoint is also refused when its weights, SWA weights,
-momenta or accumulators hold NaN or inf, and (`check_structure`) when a
-field does not have the type or shape this run needs.
+A checkpoint carries the low-precision model, the SWA model and its count,
+the optimizer's state (momentum buffers), the accumulators, the rounding
+noise's step, every random generator of every rank, the data loader's
+generator, the position (epochs, then steps into the next with the partial
+sums of that epoch), the metrics so far and the flags. It holds tensors and
+plain values only, so it loads with torch.load(weights_only=True).
+
+On load it is refused when its checksum does not match (bytes changed on
+disk), when its weights, SWA weights, momenta or accumulators hold NaN or
+inf, when a field does not have the type or shape this run needs, or when
+it was written with other state-defining flags.
 """
 
 import math
 import os
 import pickle
 import random
-import re
-import zlib
 
 import numpy as np
 import torch
 
-from utils import UserError, WriteFailed, first_line, remove_quietly
+from swalp.errors import UserError, first_line
+from swalp.quant.kinds import NUMBER_KINDS
+from swalp.run import arguments, distributed, rng
+from swalp.run.checkpoint_files import content_checksum, list_checkpoints
 
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pt")
-# What train.py writes; "checksum" seals the rest.
+# What a checkpoint holds; "checksum" seals the rest.
 CHECKPOINT_KEYS = {"epoch", "step", "config", "model_state", "swa_state", "optimizer_state", "weight_acc",
                    "noise_step", "rng", "loader_generator", "history", "epoch_totals", "world_size", "checksum"}
 # The parts that are numbers of the network; NaN or inf there is never a state a run can continue from.
 NUMERIC_PARTS = ("model_state", "swa_state", "optimizer_state", "weight_acc")
+# Flags a resumed run must share with its checkpoint: they shape the state or
+# the randomness, the data order or the schedule it continues.
+STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum", "wd", "swa_start", "swa_lr",
+                  "swa_c_epochs", "swa_c_steps", "swa_schedule", "swa_lr_max", "swa_cycle_steps", "rounding",
+                  "small_block", "block_dim", "quant_placement", "loader") + tuple(
+    f"{flag}_{kind}" for flag in ("wl", "format") for kind in NUMBER_KINDS)
 
 
 class Rejected(Exception):
     """A checkpoint that must not be used; the message says why."""
 
 
-def checkpoint_name(epoch, step=0):
-    """checkpoint-<epoch>.pt after `epoch` complete epochs (the references'
-    name), checkpoint-<epoch>-step<k>.pt after k more steps."""
-    return f"checkpoint-{epoch}.pt" if step == 0 else f"checkpoint-{epoch}-step{step}.pt"
+def new_epoch_totals():
+    """Running sums of the epoch in progress, and the steps after which the
+    SWA model collected a model (plain values, saved in checkpoints)."""
+    return {"steps": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0, "collected_at": []}
 
 
-def list_checkpoints(directory):
-    """(epoch, step, path) of every checkpoint in `directory`, oldest first."""
-    found = []
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        match = CHECKPOINT_NAME.fullmatch(name)
-        if match:
-            found.append((int(match[1]), int(match[2] or 0), os.path.join(directory, name)))
-    return sorted(found)
+class TrainingState:
+    """What a checkpoint captures of a run, and where the run stands:
+    `epoch` complete epochs, then `epoch_totals["steps"]` steps into the
+    next, with `history` the records of the epochs done."""
 
+    def __init__(self, args, net, swa_model, optimizer, train_loader, device, world=distributed.World()):
+        self.args, self.net, self.swa_model, self.optimizer = args, net, swa_model, optimizer
+        self.train_loader, self.device, self.world = train_loader, device, world
+        self.epoch = 0
+        self.epoch_totals = new_epoch_totals()
+        self.history = []
 
-# ---------------------------------------------------------------- content checksum
+    def accumulators(self):
+        if self.optimizer.acc_quant is None:
+            return []
+        return [self.optimizer.weight_acc[p] for p in self.net.parameters()]
 
-def _crc(value, crc):
-    """CRC-32 of `value` continued from `crc`, in a form that survives a save
-    and a weights-only load (tuples and lists alike, dict order kept)."""
-    if isinstance(value, torch.Tensor):
-        crc = zlib.crc32(f"T{value.dtype}{tuple(value.shape)}".encode(), crc)
-        return zlib.crc32(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
-    if isinstance(value, dict):
-        crc = zlib.crc32(f"D{len(value)}".encode(), crc)
-        for key, item in value.items():
-            crc = _crc(item, _crc(key, crc))
-        return crc
-    if isinstance(value, (list, tuple)):
-        crc = zlib.crc32(f"L{len(value)}".encode(), crc)
-        for item in value:
-            crc = _crc(item, crc)
-        return crc
-    return zlib.crc32(f"{type(value).__name__}:{value!r};".encode(), crc)
+    def replica_digest(self):
+        """A checksum of the bits of everything replicas must share: weights,
+        SWA weights, momentum buffers and accumulators."""
+        tensors = [*self.net.parameters(), *self.swa_model.parameters(), *self.accumulators(),
+                   *(state["momentum_buffer"] for state in self.optimizer.optim.state.values()
+                     if state.get("momentum_buffer") is not None)]
+        return sum(int(t.detach().contiguous().view(torch.int32).to(torch.int64).sum()) for t in tensors)
 
+    def state_dict(self):
+        """The whole training state. A collective: every rank must call it.
+        The epoch's partial sums are summed over ranks; the random generators
+        of every rank are kept, in rank order."""
+        optimizer, world = self.optimizer, self.world
+        totals = dict(self.epoch_totals)
+        loss_sum, correct, seen = distributed.sum_across(
+            world, [totals["loss_sum"], totals["correct"], totals["seen"]], self.device)
+        totals.update(loss_sum=loss_sum, correct=int(correct), seen=int(seen))
+        # Replicas exist only in data-parallel runs; a lone process skips the checksum.
+        digests = distributed.gather_objects(world, self.replica_digest()) if world.distributed else []
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"data-parallel replicas have drifted apart: digests {digests}")
+        return dict(
+            epoch=self.epoch,
+            step=self.epoch_totals["steps"],
+            epoch_totals=totals,
+            world_size=world.size,
+            replica_digests=digests,
+            config=arguments.config(self.args),
+            model_state=self.net.state_dict(),
+            swa_state=self.swa_model.state_dict(),
+            optimizer_state=optimizer.optim.state_dict(),
+            weight_acc=self.accumulators(),
+            noise_step=optimizer.noise.step,
+            rng=distributed.gather_objects(world, rng.rng_state()),
+            loader_generator=self.train_loader.generator.get_state(),
+            history=self.history,
+        )
 
-def content_checksum(state):
-    """CRC-32 of every tensor's bytes and every plain value in `state`: made
-    to catch accidental damage, and the fastest such checksum at hand (zlib's,
-    about twice blake2b's speed here)."""
-    return _crc(state, 0)
-
-
-def seal(state):
-    """`state` with the checksum of the rest of its content."""
-    content = {key: value for key, value in state.items() if key != "checksum"}
-    return {**content, "checksum": content_checksum(content)}
-
-
-def tensor_bytes(value):
-    """The bytes of all tensors in a nested state: about a checkpoint's size."""
-    if isinstance(value, torch.Tensor):
-        return value.nelement() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(item) for item in value)
-    return 0
-
-
-# ---------------------------------------------------------------- saving
-
-class _RecordingFile:
-    """A file handle that remembers the OSError of a failed write: torch.save
-    reports it only as a RuntimeError without the reason."""
-
-    def __init__(self, handle):
-        self.handle = handle
-        self.error = None
-
-    def write(self, data):
+    def load_state_dict(self, checkpoint, path):
+        """Continue from a checkpoint (as load_checkpoint returns it): its
+        flags, then every field, checked against this run first."""
+        saved = checkpoint["config"]
+        if not isinstance(saved, dict):
+            raise UserError(f"checkpoint {path} is malformed: config must be a dict, found {type(saved).__name__}")
+        current = arguments.config(self.args)
+        for key in STATE_DEFINING:
+            value = saved.get(key)
+            if value != current[key]:
+                raise UserError(f"checkpoint {path} was written with {arguments.flag_name(key)} {value}, "
+                                f"this run has {current[key]}; resume with the same flags")
         try:
-            return self.handle.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-
-    def flush(self):
-        self.handle.flush()
-
-
-def save_checkpoint(directory, state):
-    """Save `state` (with its "epoch" and "step") sealed with its checksum,
-    atomically (a synced temporary file, then a rename), then delete the
-    mid-epoch checkpoints it supersedes. A failed write (disk full, I/O
-    error, the directory gone) removes its partial file and raises
-    WriteFailed; earlier checkpoints are untouched."""
-    epoch, step = state["epoch"], state["step"]
-    path = os.path.join(directory, checkpoint_name(epoch, step))
-    temporary = f"{path}.tmp"
-    sealed = seal(state)
-    recorder = None
-    try:
-        with open(temporary, "wb") as handle:
-            recorder = _RecordingFile(handle)
-            torch.save(sealed, recorder)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:
-        remove_quietly(temporary)
-        cause = recorder.error if recorder is not None and recorder.error is not None else error
-        if not isinstance(cause, OSError):
-            raise
-        raise WriteFailed(path, cause, tensor_bytes(state)) from None
-    for old_epoch, old_step, old_path in list_checkpoints(directory):
-        if old_step and (old_epoch, old_step) < (epoch, step):
-            os.remove(old_path)
-    return path
-
-
-def failed_write_message(directory, failed):
-    """One line for a failed write: what failed, the newest checkpoint to
-    resume from, and the free space to make (at least the larger of the
-    failed write and the newest checkpoint)."""
-    if not os.path.isdir(directory):
-        return f"{failed}; the run directory {directory} no longer exists: restore it, or start again elsewhere"
-    saved = list_checkpoints(directory)
-    newest = saved[-1][2] if saved else None
-    needed = max(failed.size, os.path.getsize(newest) if newest else 0)
-    where = f"free at least {needed / 2 ** 20:.0f} MB in {directory}"
-    if newest:
-        return f"{failed}; the newest good checkpoint is {newest}: {where} and resume with --resume {newest}"
-    return f"{failed}; no checkpoint was written yet: {where} and start again with --overwrite"
-
-
-def prune_epoch_checkpoints(directory, keep, protected_epoch):
-    """Delete epoch checkpoints but the newest `keep` and the one after
-    `protected_epoch` epochs (the SGD model when averaging starts)."""
-    epochs = [(epoch, path) for epoch, step, path in list_checkpoints(directory) if step == 0]
-    for epoch, path in epochs[:-keep]:
-        if epoch != protected_epoch:
-            os.remove(path)
+            check_structure(
+                checkpoint, self.net.state_dict(), self.swa_model.state_dict(),
+                [param.shape for param in self.net.parameters()], self.accumulators(), new_epoch_totals())
+        except Rejected as rejected:
+            raise UserError(f"checkpoint {path} is malformed: {rejected}") from None
+        if checkpoint["epoch"] > self.args.epochs:
+            raise UserError(f"checkpoint {path} is after epoch {checkpoint['epoch']}, beyond --epochs "
+                            f"{self.args.epochs}; resume with --epochs {checkpoint['epoch']} or more")
+        if checkpoint["step"] and checkpoint["world_size"] != self.world.size:
+            raise UserError(f"checkpoint {path} is mid-epoch and was written by {checkpoint['world_size']} "
+                            f"process(es), this run has {self.world.size}; resume it with as many, or resume "
+                            f"from an epoch checkpoint (checkpoint-<epoch>.pt)")
+        try:
+            self.net.load_state_dict(checkpoint["model_state"])
+            self.swa_model.load_state_dict(checkpoint["swa_state"])
+            self.optimizer.optim.load_state_dict(checkpoint["optimizer_state"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise UserError(f"checkpoint {path} does not match this model ({first_line(error)})") from None
+        # Optimizer.load_state_dict replaces the group list; OptimLP must see the new one.
+        self.optimizer.param_groups = self.optimizer.optim.param_groups
+        if self.optimizer.acc_quant is not None:
+            for param, accumulator in zip(self.net.parameters(), checkpoint["weight_acc"]):
+                self.optimizer.weight_acc[param] = accumulator.to(param.device)
+        self.optimizer.noise.seek(checkpoint["noise_step"])
+        # The same process count continues exactly; another one takes rank 0's generators.
+        generators = checkpoint["rng"]
+        rng.set_rng_state(generators[self.world.rank] if len(generators) == self.world.size else generators[0])
+        self.train_loader.generator.set_state(checkpoint["loader_generator"])
+        self.epoch = checkpoint["epoch"]
+        self.epoch_totals = dict(checkpoint["epoch_totals"])
+        if not self.world.main:  # the saved partial sums are all ranks' already
+            self.epoch_totals.update(loss_sum=0.0, correct=0, seen=0)
+        self.history = list(checkpoint["history"])
 
 
 # ---------------------------------------------------------------- loading

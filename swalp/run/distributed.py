@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Sampler
 
+from swalp.errors import UserError
+
 
 class World(NamedTuple):
     rank: int = 0
@@ -65,6 +67,21 @@ def sum_across(world, values, device):
 def any_across(world, flag, device):
     """Whether `flag` holds on any rank."""
     return bool(sum_across(world, [float(bool(flag))], device)[0])
+
+
+def on_rank_zero(world, action):
+    """Run `action` on rank 0 only and share its result (or its UserError,
+    raised on every rank) with the others."""
+    outcome = None
+    if world.main:
+        try:
+            outcome = (action(), None)
+        except UserError as error:
+            outcome = (None, str(error))
+    result, error = broadcast_object(world, outcome)
+    if error:
+        raise UserError(error)
+    return result
 
 
 def gather_objects(world, value):

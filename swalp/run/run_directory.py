@@ -14,8 +14,10 @@ import glob
 import os
 import socket
 
-from checkpoints import list_checkpoints
-from utils import UserError, remove_quietly
+from swalp.errors import UserError
+from swalp.run.checkpoint_files import list_checkpoints
+from swalp.run.distributed import on_rank_zero
+from swalp.run.files import remove_quietly
 
 LOCK_NAME = ".train.lock"
 PARTIAL_WRITES = ("results.json.tmp", "checkpoint-*.pt.tmp")
@@ -144,6 +146,21 @@ def claim(args, default_name):
         directory.close(failed_early=True)
         raise
     return directory
+
+
+def claim_on_rank_zero(args, default_name, world):
+    """The run directory, claimed (locked) by rank 0, which alone touches it:
+    (the RunDirectory on rank 0, None elsewhere; its path, the checkpoint to
+    resume from, the outputs to replace), the last three decided by rank 0
+    and known to every rank."""
+    owned = []
+
+    def setup():
+        owned.append(claim(args, default_name))
+        return owned[0].path, owned[0].resume, owned[0].stale
+
+    run_dir, resume_path, stale_outputs = on_rank_zero(world, setup)
+    return (owned[0] if owned else None), run_dir, resume_path, stale_outputs
 
 
 def decide_outputs(directory, args):

@@ -31,9 +31,10 @@ import torch
 import torchvision.transforms as transforms
 from torch.utils.data import SequentialSampler
 
-from distributed import ShardSampler, World
-from seeding import mix_seed
-from utils import EpochSampler, UserError
+from swalp.data.loaders import EpochSampler
+from swalp.errors import UserError
+from swalp.run.distributed import ShardSampler, World
+from swalp.seeds import mix_seed
 
 
 class BatchAugmentation(NamedTuple):
@@ -189,7 +190,7 @@ class BatchedLoader:
 
 
 def make_loaders(train_set, test_set, batch_size, seed, device, world=World()):
-    """(train, test, bn) loaders as utils.make_loaders builds them, on the
+    """(train, test, bn) loaders as loaders.make_loaders builds them, on the
     batched path: the training order is the same DistributedSampler order
     (seed, epoch, rank); the test set is only normalised. Each data set's
     augmentation is read off its torchvision transform."""

@@ -1,39 +1,15 @@
-"""Number formats: small value objects, and the specs that name them.
+"""Number formats as small value objects.
 
-A format knows its spec (the command line's name for it, e.g. `mxfp8e4m3`),
-which backend kernel computes it (`kernel`, an attribute of
-`quantization.Backend`) and how to round a tensor with that kernel
-(`quantize`). `parse` turns a spec into a format; `canonical` normalises a
-spec for the command line, run names and checkpoints.
-
-Spec grammar (case-insensitive):
-
-    fp32                      full precision (no rounding)
-    bfp<wl>                   block floating point, wl bits with the sign, blocks along dim 0
-    bfp<wl>/<k>               ... in blocks of k consecutive elements of each row (MX's layout)
-    fixed<wl>.<fl>            fixed point, wl bits of which fl fractional (qtorch's FixedPoint)
-    e<exp>m<man>              floating point as qtorch's FloatingPoint: no inf or NaN
-                              reserved, so e4m3 reaches 480, e5m2 114688; ties round away from 0
-    bf16, fp16                e8m7, e5m10 (qtorch's; fp16 thus reaches 131008, not IEEE's 65504)
-    fp8e4m3, fp8e5m2          OCP 8-bit floats (448 and 57344, like torch.float8_e4m3fn and
-                              float8_e5m2), ties to even, saturating
-    mxfp8 (= mxfp8e4m3), mxfp8e5m2, mxfp6e2m3, mxfp6e3m2, mxfp4 (= mxfp4e2m1), mxint8
-                              OCP Microscaling: blocks of 32 share an E8M0 scale, the spec's
-                              2^(floor(log2 max) - emax of the element)
-    <mx spec>-ceil            ... with the smallest scale that saturates nothing (NVIDIA's rounding)
+A format knows its spec (the command line's name for it, e.g. `mxfp8e4m3`;
+`specs.parse` turns a spec into a format), which backend kernel computes it
+(`kernel`, an attribute of `backends.Backend`) and how to round a tensor
+with that kernel (`quantize`). Formats import no torch: the command line
+checks them before torch loads.
 """
 
-import argparse
 import math
-import re
 from dataclasses import dataclass
 from typing import ClassVar
-
-import torch
-
-GRAMMAR = ("fp32, bfp<wl>, bfp<wl>/<k>, fixed<wl>.<fl>, e<exp>m<man>, bf16, fp16, fp8e4m3, fp8e5m2, "
-           "mxfp8 (= mxfp8e4m3), mxfp8e5m2, mxfp6e2m3, mxfp6e3m2, mxfp4, mxint8, and any mx spec with -ceil")
-FULL_PRECISION = "fp32"
 
 # Tensors with at most this many dimensions share one exponent ("small block").
 SMALL_BLOCK_MAX_DIMS = {"None": 0, "FC": 1, "Conv": 2}
@@ -44,10 +20,6 @@ BLOCK_DIMS = ("B", "BC")
 MIN_WL, MAX_WL = 2, 22
 
 
-class FormatError(ValueError):
-    """A spec that names no format; the message says what is wrong."""
-
-
 def row_blocks(x, k):
     """x as rows (dim 0; a 1-D tensor is one row) cut into blocks of k
     consecutive elements, the last block of a row padded with zeros (which
@@ -56,7 +28,9 @@ def row_blocks(x, k):
     count, length = (x.shape[0], math.prod(x.shape[1:])) if x.dim() > 1 else (1, x.numel())
     rows = x.reshape(count, length)
     if length % k:  # padding copies the tensor
-        rows = torch.nn.functional.pad(rows, (0, -length % k))
+        padded = rows.new_zeros((count, length + (-length % k)))
+        padded[:, :length] = rows
+        rows = padded
     blocks = rows.reshape(rows.numel() // k, k)
 
     def restore(quantized):
@@ -261,79 +235,3 @@ class MXFormat:
         element = self.element
         return restore(backend.mx(blocks, element.man, element.min_exponent, element.emax, element.largest,
                                   rounding, generator, self.scale))
-
-
-PRESETS = {"bf16": "e8m7", "fp16": "e5m10", "mxfp8": "mxfp8e4m3", "mxfp4": "mxfp4e2m1", "mxfp8-ceil": "mxfp8e4m3-ceil",
-           "mxfp4-ceil": "mxfp4e2m1-ceil"}
-NAMED = {number_format.spec: number_format for number_format in (
-    *(OCPFloatFormat(ELEMENTS[name]) for name in ("e4m3", "e5m2")),
-    *(MXFormat(element, scale) for element in ELEMENTS.values() for scale in ("floor", "ceil")))}
-
-
-def _build(spec):
-    """The format a canonical lower-case spec names (None for fp32)."""
-    if spec == FULL_PRECISION:
-        return None
-    if match := re.fullmatch(r"bfp(\d+)(?:/(\d+))?", spec):
-        return BlockFormat(int(match[1]), block_size=int(match[2]) if match[2] else None)
-    if match := re.fullmatch(r"fixed(\d+)\.(\d+)", spec):
-        return FixedFormat(int(match[1]), int(match[2]))
-    if match := re.fullmatch(r"e(\d+)m(\d+)", spec):
-        return FloatFormat(int(match[1]), int(match[2]))
-    if spec in NAMED:
-        return NAMED[spec]
-    raise FormatError(f"{spec!r} is not a number format; use one of {GRAMMAR}")
-
-
-def parse(spec):
-    """The format named by `spec` (any case), or None for fp32; FormatError
-    (one line) for anything else."""
-    text = str(spec).strip().lower()
-    text = PRESETS.get(text, text)
-    try:
-        return _build(text)
-    except FormatError:
-        raise
-    except ValueError as error:  # a known shape with numbers out of range
-        raise FormatError(f"{spec}: {error}") from None
-
-
-def canonical(spec):
-    """The one spelling of `spec`'s format (e.g. MXFP8 -> mxfp8e4m3, bf16 -> e8m7)."""
-    number_format = parse(spec)
-    return FULL_PRECISION if number_format is None else number_format.spec
-
-
-def path_tag(spec):
-    """`spec` as it appears in run directory names (no path separator)."""
-    return canonical(spec).replace("/", "k")
-
-
-def argument(text):
-    """An argparse type: the canonical spec, or an ArgumentTypeError naming what is wrong."""
-    try:
-        return canonical(text)
-    except FormatError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def per_kind(word_lengths, specs, every=None):
-    """Each number kind's format from the command line: `word_lengths` maps
-    kinds to --wl-<kind> (None where not given), `specs` to --format-<kind>
-    (canonical, None where not given), `every` is --format. A kind's own
-    spec wins over --format; a word length and a spec for one kind are
-    refused (FormatError). Returns (word lengths, specs) with -1 and None
-    where a kind is full precision, and block floating point without a
-    block size (bfp<wl>) as its word length, so that `--format-weight bfp8`
-    and `--wl-weight 8` are one run."""
-    lengths, chosen = {}, {}
-    for kind, wl in word_lengths.items():
-        spec, flag = (specs[kind], f"--format-{kind}") if specs.get(kind) else (every, "--format")
-        if spec is not None and wl is not None:
-            raise FormatError(f"--wl-{kind} and {flag} both set the {kind} format; keep one")
-        number_format = parse(spec) if spec is not None else None
-        if isinstance(number_format, BlockFormat) and not number_format.block_size:
-            wl, number_format = number_format.wl, None
-        lengths[kind] = -1 if wl is None else wl
-        chosen[kind] = None if number_format is None else number_format.spec
-    return lengths, chosen

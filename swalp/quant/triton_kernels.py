@@ -1,10 +1,10 @@
-"""The rounding kernels of `torch_quant`, fused into Triton kernels.
+"""The rounding kernels of `torch_kernels`, fused into Triton kernels.
 
 Each rounded tensor costs at most three launches and no host sync: block
 floating point fills a buffer of block maxima (one fill, one pass of atomic
 maxima), then rounds and clips in one pass; fixed and floating point round in
-one pass. Nearest rounding does torch_quant's arithmetic step for step, so
-its results are bit-identical to torch_quant's (and so to qtorch's);
+one pass. Nearest rounding does torch_kernels' arithmetic step for step, so
+its results are bit-identical to torch_kernels' (and so to qtorch's);
 stochastic rounding adds the same uniform bits below the last kept bit.
 
 The noise is counter-based: each element's random bits are Philox-4x32-10
@@ -14,11 +14,11 @@ The noise is counter-based: each element's random bits are Philox-4x32-10
     counter = (element index, identity, step, domain),
 
 so they depend on nothing but those numbers, never on a generator's state or
-on the order of calls. A `seeding.NoiseKey` carries the seed and the last
+on the order of calls. A `noise.NoiseKey` carries the seed and the last
 three words. Philox is a bijection of the counter for a given key, so two
 roundings draw the same bits exactly when all four words agree; callers keep
 the (identity, step, domain) triples of different roundings distinct (see
-quantization.StepNoise).
+noise.StepNoise).
 
 Where no GPU is present, `TRITON_INTERPRET=1` (set before triton is
 imported) runs the same kernels on CPU tensors, slowly; tiles are then large
@@ -34,15 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-import torch_quant
+from swalp.quant import torch_kernels
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program. The interpreter pays per program, a GPU per idle lane.
 TILE = 1 << 16 if INTERPRETING else 1024
 MAX_ELEMENTS = 1 << 31  # element indices are int32 and the first Philox counter word
-MANTISSA_BITS = torch_quant.MANTISSA_BITS
+MANTISSA_BITS = torch_kernels.MANTISSA_BITS
 # Contracting a multiply and an add into one fma would skip a rounding that
-# torch_quant performs; nearest rounding must stay bit-identical.
+# torch_kernels performs; nearest rounding must stay bit-identical.
 LAUNCH_OPTIONS = {} if INTERPRETING else {"enable_fp_fusion": False}
 
 
@@ -68,7 +68,7 @@ def _random_bits(offsets, seed, identity, step, domain):
 
 @triton.jit
 def _round_mantissa(bits, offsets, seed, identity, step, domain, DROP: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """torch_quant._round_mantissa on int32 bits: keep 23 - DROP mantissa bits."""
+    """torch_kernels._round_mantissa on int32 bits: keep 23 - DROP mantissa bits."""
     mask: tl.constexpr = (1 << DROP) - 1
     if STOCHASTIC:
         bits = bits + (_random_bits(offsets, seed, identity, step, domain) & mask)
@@ -105,8 +105,8 @@ def _block_peak_kernel(x, peaks, block_map, n, inner, blocks, MAPPED: tl.constex
 def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, seed, identity, step, domain,
                         DROP: tl.constexpr, LARGEST_MANTISSA: tl.constexpr, STOCHASTIC: tl.constexpr,
                         MAPPED: tl.constexpr, TILE: tl.constexpr):
-    """torch_quant.block_quantize's rebase, round and qtorch's bit-level clip
-    in one pass. torch_quant clamps instead where no block needs the
+    """torch_kernels.block_quantize's rebase, round and qtorch's bit-level clip
+    in one pass. torch_kernels clamps instead where no block needs the
     bit-level clip; the two agree on such blocks, so here every block takes
     the bit-level clip."""
     offsets = (tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)).to(tl.int32)
@@ -126,7 +126,7 @@ def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, seed, identi
 @triton.jit
 def _fixed_kernel(x, out, n, scale, unscale, low, high, seed, identity, step, domain,
                   STOCHASTIC: tl.constexpr, CLAMP: tl.constexpr, TILE: tl.constexpr):
-    """torch_quant.fixed_point_quantize: qtorch's nearbyint((float)(a + r) - 0.5)
+    """torch_kernels.fixed_point_quantize: qtorch's nearbyint((float)(a + r) - 0.5)
     in double, rounding half to even."""
     offsets = (tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)).to(tl.int32)
     mask = offsets < n
@@ -154,7 +154,7 @@ def _fixed_kernel(x, out, n, scale, unscale, low, high, seed, identity, step, do
 def _float_kernel(x, out, n, seed, identity, step, domain, MIN_EXPONENT: tl.constexpr,
                   MAX_FIELD: tl.constexpr, LARGEST_MANTISSA: tl.constexpr, DROP: tl.constexpr,
                   STOCHASTIC: tl.constexpr, TILE: tl.constexpr):
-    """torch_quant.float_quantize; one draw per element serves whichever of
+    """torch_kernels.float_quantize; one draw per element serves whichever of
     the subnormal and normal roundings the element takes."""
     offsets = (tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)).to(tl.int32)
     mask = offsets < n
@@ -195,7 +195,7 @@ def _noise(key, rounding):
 
 def _prepare(x, rounding, inplace):
     """Check x; the contiguous input and the tensor to write into."""
-    torch_quant._check(x, rounding)
+    torch_kernels._check(x, rounding)
     if x.numel() >= MAX_ELEMENTS:
         raise ValueError(f"the triton backend rounds tensors of fewer than 2^31 elements, got {x.numel()}")
     source = x.contiguous()
@@ -209,14 +209,14 @@ def _block_round(source, out, wl, rounding, key, inner, blocks, block_map=None, 
     index = block_map if mapped else peaks  # an unused pointer when the index is computed
     _launch(_block_peak_kernel, n, source, peaks, index, n, inner, blocks, MAPPED=mapped)
     _launch(_block_round_kernel, n, source, out, peaks, index, n, inner, blocks, *_noise(key, rounding),
-            DROP=MANTISSA_BITS - wl, LARGEST_MANTISSA=torch_quant._largest_mantissa(wl - 2),
+            DROP=MANTISSA_BITS - wl, LARGEST_MANTISSA=torch_kernels._largest_mantissa(wl - 2),
             STOCHASTIC=rounding == "stochastic", MAPPED=mapped)
     return out
 
 
 def block_layout(shape, dim):
     """(inner, blocks): element i of a contiguous tensor of `shape` lies in
-    block (i // inner) % blocks, as torch_quant.block_max groups them."""
+    block (i // inner) % blocks, as torch_kernels.block_max groups them."""
     numel = 1
     for size in shape:
         numel *= size
@@ -229,8 +229,8 @@ def block_layout(shape, dim):
 
 
 def block_quantize(x, wl, dim=-1, rounding="stochastic", key=None, inplace=False):
-    """torch_quant.block_quantize; `key` (a seeding.NoiseKey) selects the noise."""
-    torch_quant._check(x, rounding)
+    """torch_kernels.block_quantize; `key` (a noise.NoiseKey) selects the noise."""
+    torch_kernels._check(x, rounding)
     if not -1 <= dim < max(x.dim(), 1):
         raise ValueError(f"block dim must be -1 or in [0, {x.dim() - 1}], got {dim}")
     if x.numel() == 0:
@@ -241,8 +241,8 @@ def block_quantize(x, wl, dim=-1, rounding="stochastic", key=None, inplace=False
 
 
 def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stochastic", key=None, inplace=False):
-    """torch_quant.fixed_point_quantize; `key` (a seeding.NoiseKey) selects the noise."""
-    torch_quant._check(x, rounding)
+    """torch_kernels.fixed_point_quantize; `key` (a noise.NoiseKey) selects the noise."""
+    torch_kernels._check(x, rounding)
     if wl - fl > 128 or fl > 126:
         raise ValueError(f"fixed point range and step must be normal float32 numbers "
                          f"(wl - fl <= 128, fl <= 126), got wl {wl}, fl {fl}")
@@ -257,14 +257,14 @@ def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stoch
 
 
 def float_quantize(x, exp, man, rounding="stochastic", key=None, inplace=False):
-    """torch_quant.float_quantize; `key` (a seeding.NoiseKey) selects the noise."""
-    torch_quant._check(x, rounding)
+    """torch_kernels.float_quantize; `key` (a noise.NoiseKey) selects the noise."""
+    torch_kernels._check(x, rounding)
     if not 2 <= exp <= 8 or not 0 <= man <= 22:
         raise ValueError(f"floating point needs exp in [2, 8] and man in [0, 22], got {exp}, {man}")
     source, out = _prepare(x, rounding, inplace)
     _launch(_float_kernel, source.numel(), source, out, source.numel(), *_noise(key, rounding),
             MIN_EXPONENT=-((1 << (exp - 1)) - 2), MAX_FIELD=(1 << (exp - 1)) + 127,
-            LARGEST_MANTISSA=torch_quant._largest_mantissa(man), DROP=MANTISSA_BITS - man,
+            LARGEST_MANTISSA=torch_kernels._largest_mantissa(man), DROP=MANTISSA_BITS - man,
             STOCHASTIC=rounding == "stochastic")
     return out
 
@@ -297,7 +297,7 @@ def round_many(tensors, number_format, rounding, key=None, out=None):
     if not tensors:
         return
     for tensor in tensors:
-        torch_quant._check(tensor, rounding)
+        torch_kernels._check(tensor, rounding)
     flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
     if flat.numel() >= MAX_ELEMENTS:
         raise ValueError(f"the triton backend rounds fewer than 2^31 elements at once, got {flat.numel()}")

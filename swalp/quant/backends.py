@@ -1,0 +1,130 @@
+"""Rounding backends: the kernels that compute each number format.
+
+ours in PyTorch operations (`torch_kernels`: seedable, no compiler, any
+device), ours in Triton (`triton_kernels`: fused, counter-based noise; CUDA,
+or the CPU under Triton's interpreter), or qtorch's compiled C++/CUDA
+kernels (not seedable). A format names the kernel it needs (its `kernel`);
+a backend lacking it cannot compute that format.
+"""
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from swalp.errors import first_line
+from swalp.quant import torch_kernels
+
+
+
+class Backend(NamedTuple):
+    """Rounding kernels with torch_kernels' signatures. A kernel a backend
+    lacks is None: a format names the kernel it needs (its `kernel`).
+    `seedable`: their stochastic rounding is repeatable; `counter_based`:
+    their noise argument is a NoiseKey rather than a torch generator;
+    `block_sizes`: their block kernel takes formats with a block size;
+    `round_many`, where present, rounds a list of tensors in place with a
+    handful of launches (see triton_kernels.round_many)."""
+
+    name: str
+    block: Callable
+    fixed: Callable
+    float: Callable
+    seedable: bool
+    minifloat: Callable = None
+    mx: Callable = None
+    counter_based: bool = False
+    block_sizes: bool = True
+    round_many: Callable = None
+
+    def supports(self, number_format):
+        if getattr(self, number_format.kernel) is None:
+            return False
+        return self.block_sizes or not getattr(number_format, "block_size", None)
+
+
+TORCH_BACKEND = Backend("torch", torch_kernels.block_quantize, torch_kernels.fixed_point_quantize,
+                        torch_kernels.float_quantize, seedable=True, minifloat=torch_kernels.minifloat_quantize,
+                        mx=torch_kernels.mx_quantize)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend's kernels could not be compiled or loaded; the message says why."""
+
+
+class UnsupportedFormat(ValueError):
+    """A backend cannot round a number format."""
+
+
+def load_qtorch_backend():
+    """qtorch's C++/CUDA kernels, compiled on first import (about 30 s).
+
+    Imported only when chosen. qtorch's block and float kernels draw their
+    noise from a generator seeded by the operating system, so the generator
+    argument is ignored.
+    """
+    try:
+        from qtorch.quant import block_quantize, fixed_point_quantize, float_quantize
+    except Exception as error:  # a failed build raises anything from ImportError to CalledProcessError
+        raise BackendUnavailable(first_line(error)) from None
+
+    def block(x, wl, dim=-1, rounding="stochastic", generator=None, inplace=False):
+        return block_quantize(x, wl, dim, rounding)
+
+    def fixed(x, wl, fl, clamp=True, symmetric=False, rounding="stochastic", generator=None):
+        return fixed_point_quantize(x, wl, fl, clamp, symmetric, rounding)
+
+    def floating(x, exp, man, rounding="stochastic", generator=None):
+        return float_quantize(x, exp, man, rounding)
+
+    return Backend("qtorch", block, fixed, floating, seedable=False)
+
+
+def load_triton_backend(device):
+    """Our Triton kernels (triton_kernels), imported only when chosen and
+    compiled here for `device` once, so that a backend that cannot run fails
+    now with one line rather than in the middle of a step."""
+    try:
+        from swalp.quant import triton_kernels
+    except Exception as error:  # triton missing, or broken beyond import
+        raise BackendUnavailable(f"Triton cannot be imported ({first_line(error)})") from None
+    reason = triton_kernels.available(device)
+    if reason:
+        raise BackendUnavailable(reason)
+    try:
+        triton_kernels.compile_for(device)
+    except Exception as error:  # a compiler or driver failure can raise anything
+        raise BackendUnavailable(f"Triton's kernels failed to compile ({first_line(error)})") from None
+    return Backend("triton", triton_kernels.block_quantize, triton_kernels.fixed_point_quantize,
+                   triton_kernels.float_quantize, seedable=True, counter_based=True, block_sizes=False,
+                   round_many=triton_kernels.round_many)
+
+
+def choose_backend(name, device):
+    """The backend for `--quant-backend name` on `device`, and a note to print
+    (or None). auto: our Triton kernels on a CUDA device when they compile,
+    the torch backend otherwise."""
+    if name == "torch":
+        return TORCH_BACKEND, None
+    if name == "qtorch":
+        return load_qtorch_backend(), None
+    if name == "triton":
+        return load_triton_backend(device), None
+    if name != "auto":
+        raise ValueError(f"unknown backend {name!r}")
+    if device.type != "cuda":
+        return TORCH_BACKEND, None
+    try:
+        return load_triton_backend(device), None
+    except BackendUnavailable as error:
+        return TORCH_BACKEND, f"the triton backend is unavailable ({error}); using the torch backend"
+
+
+def select_backend(name: str = "auto", device="cpu") -> Backend:
+    """The rounding kernels `name` picks on `device`: auto (our Triton
+    kernels on a CUDA device when they compile, else torch), torch, triton
+    or qtorch. Raises BackendUnavailable (one line) when they cannot run.
+
+    >>> select_backend("auto", "cpu").name
+    'torch'
+    """
+    return choose_backend(name, torch.device(device))[0]
