@@ -9,7 +9,7 @@ checks them before torch loads.
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Union
 
 # Tensors with at most this many dimensions share one exponent ("small block").
 SMALL_BLOCK_MAX_DIMS = {"None": 0, "FC": 1, "Conv": 2}
@@ -235,3 +235,7 @@ class MXFormat:
         element = self.element
         return restore(backend.mx(blocks, element.man, element.min_exponent, element.emax, element.largest,
                                   rounding, generator, self.scale))
+
+
+# Any of the formats above.
+NumberFormat = Union[BlockFormat, FixedFormat, FloatFormat, OCPFloatFormat, MXFormat]

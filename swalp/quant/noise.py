@@ -54,7 +54,7 @@ class StepNoise:
     communicating, and a resumed run needs only the step.
     """
 
-    def __init__(self, seed, step=0, rank=0):
+    def __init__(self, seed: int, step: int = 0, rank: int = 0):
         self.seed = seed
         self.step = step
         self.rank = rank

@@ -11,7 +11,7 @@ or take a generator, and qtorch maps a word length of -1 to garbage instead
 of full precision, so the module here is our own.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -114,7 +114,8 @@ class Quantizer(nn.Module):
     >>> y = Quantizer(TensorQuantizer("bfp8"), TensorQuantizer("bfp8"))(x)  # y rounded, x.grad too
     """
 
-    def __init__(self, forward_quant=None, backward_quant=None, inplace=False, site=0):
+    def __init__(self, forward_quant: Optional[Callable] = None, backward_quant: Optional[Callable] = None,
+                 inplace: bool = False, site: int = 0):
         super().__init__()
         if not 0 <= site < 1 << SITE_BITS:
             raise ValueError(f"site must be in [0, {1 << SITE_BITS}), got {site}")

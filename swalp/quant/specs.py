@@ -22,8 +22,9 @@ normalises a spec for run names and records.
 
 import argparse
 import re
+from typing import Optional
 
-from swalp.quant.formats import ELEMENTS, BlockFormat, FixedFormat, FloatFormat, MXFormat, OCPFloatFormat
+from swalp.quant.formats import ELEMENTS, BlockFormat, FixedFormat, FloatFormat, MXFormat, NumberFormat, OCPFloatFormat
 
 GRAMMAR = ("fp32, bfp<wl>, bfp<wl>/<k>, fixed<wl>.<fl>, e<exp>m<man>, bf16, fp16, fp8e4m3, fp8e5m2, "
            "mxfp8 (= mxfp8e4m3), mxfp8e5m2, mxfp6e2m3, mxfp6e3m2, mxfp4, mxint8, and any mx spec with -ceil")
@@ -56,7 +57,7 @@ def _build(spec):
     raise FormatError(f"{spec!r} is not a number format; use one of {GRAMMAR}")
 
 
-def parse(spec):
+def parse(spec: str) -> Optional[NumberFormat]:
     """The format named by `spec` (any case), or None for fp32; FormatError
     (one line) for anything else.
 
