@@ -12,7 +12,13 @@ this file builds a run's parts from its flags and holds its loop.
 
 import sys
 
-from swalp.run.arguments import parse_args
+import models
+from swalp.run import arguments
+
+
+def parse_args(argv=None):
+    return arguments.parse_args(argv, models.MODELS, models.IMAGENET_MODELS)
+
 
 if __name__ == "__main__":
     parse_args()  # checks every flag before torch loads, which takes seconds: a mistake fails at once
@@ -26,21 +32,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import AveragedModel
 
-import models
 import swa
 import swalp
 import utils
 from swalp.data import batched, datasets, loaders
 from swalp.errors import UserError
 from swalp.quant import kinds
-from swalp.run import arguments, checkpoint_files, distributed, results, rng, run_directory
+from swalp.run import checkpoint_files, distributed, results, rng, run_directory
 from swalp.run.device import resolve_device
 from swalp.run.files import WriteFailed
 from swalp.run.quantizers import choose_quantizers
-from swalp.run.signals import StopRequest, resume_command
-from swalp.run.state import TrainingState, load_checkpoint, new_epoch_totals
+from swalp.run.signals import StopRequest, Stopped, resume_command
+from swalp.run.state import TrainingState, check_resumable, load_checkpoint, new_epoch_totals
 from swalp.seeds import mix_seed
 
 
@@ -123,9 +128,12 @@ def train_epoch(run, stop):
     totals = state.epoch_totals
     loaders.set_epoch(run.train_loader, state.epoch, totals["steps"])
     run.train_net.train()
+    batches = utils.progress(run.train_loader, f"epoch {state.epoch + 1}/{args.epochs}", run.world)
+    if isinstance(stop, StopRequest) and not run.world.distributed:
+        batches = stop.waiting(batches)
     start = time.perf_counter()
     try:
-        for inputs, targets in utils.progress(run.train_loader, f"epoch {state.epoch + 1}/{args.epochs}", run.world):
+        for inputs, targets in batches:
             step = run.global_step
             lr = schedule.lr(step)
             for group in state.optimizer.param_groups:
@@ -157,6 +165,8 @@ def train_epoch(run, stop):
             if distributed.any_across(run.world, stop, run.device):  # at the last step too: saved before evaluating
                 return False
         return True
+    except Stopped:  # while waiting for data, at a step boundary
+        return False
     finally:
         loaders.set_epoch(run.train_loader, state.epoch)
 
@@ -171,10 +181,10 @@ def finish_epoch(run):
     train_res = utils.epoch_result(state.epoch_totals, run.device, world)
     test_res = swa_res = {"loss": None, "accuracy": None}
     if completed % args.eval_freq == 0 or completed in (args.swa_start, args.epochs):
-        update_batchnorm(run, state.net)
+        distributed.recompute_batchnorm(run.bn_loader, state.net, run.device, world)
         test_res = utils.evaluate(run.test_loader, state.net, run.device, "test", world)
         if state.swa_model.n_averaged > 0:
-            update_batchnorm(run, state.swa_model)
+            distributed.recompute_batchnorm(run.bn_loader, state.swa_model, run.device, world)
             swa_res = utils.evaluate(run.test_loader, state.swa_model, run.device, "swa test", world)
     swa_n, collected_at = int(state.swa_model.n_averaged), list(state.epoch_totals["collected_at"])
     record = {"epoch": completed, "lr": lr, "train_loss": train_res["loss"], "train_accuracy": train_res["accuracy"],
@@ -210,14 +220,10 @@ def train(run, stop):
         distributed.on_rank_zero(run.world, lambda: write_results(run, status))
         if stopping and state.epoch < args.epochs:
             return path
+    # Also when a resume from the final checkpoint had nothing left to train:
+    # a kill between that checkpoint and the epoch's results.json is repaired.
+    distributed.on_rank_zero(run.world, lambda: write_results(run, "finished"))
     return None
-
-
-def update_batchnorm(run, model):
-    if run.world.distributed:
-        distributed.update_bn(run.bn_loader, model, run.device, run.world)
-    else:
-        update_bn(run.bn_loader, model, run.device)
 
 
 def diverged(run, step, loss):
@@ -262,6 +268,10 @@ def write_results(run, status, **extra):
 def start(args, world, device, run_dir, resume_path, stale_outputs):
     """The run, built and resumed, with every check that can fail before
     training passed; only then are the outputs --overwrite replaces deleted."""
+    checkpoint = None
+    if resume_path:  # before the data load: a wrong --resume fails at once
+        checkpoint = load_checkpoint(resume_path)
+        check_resumable(checkpoint, resume_path, args, world)
     rng.seed_everything(args.seed)
     if args.deterministic:
         rng.use_deterministic_algorithms()
@@ -272,8 +282,8 @@ def start(args, world, device, run_dir, resume_path, stale_outputs):
         # The model was initialised alike on every rank; from here each replica
         # draws its own dropout masks and activation rounding noise.
         rng.seed_everything(mix_seed(args.seed, world.rank) % 2 ** 32)
-    if resume_path:
-        run.state.load_state_dict(load_checkpoint(resume_path), resume_path)
+    if checkpoint:
+        run.state.load_state_dict(checkpoint, resume_path)
         print(f"Resumed from {resume_path} after epoch {run.state.epoch}, step {run.state.epoch_totals['steps']}")
     if world.main:  # --overwrite: only now that the new run could start
         for path in stale_outputs:

@@ -19,7 +19,7 @@ On the CPU the triton backend runs under Triton's interpreter
 (TRITON_INTERPRET=1): its counts are exact, its times meaningless, so they
 are not measured. Prints tables and writes JSON:
 
-    python benchmarks/backends.py [--device cpu|cuda] [--json PATH]
+    python -m benchmarks.backends [--device cpu|cuda] [--json PATH]
 """
 
 import argparse
@@ -30,8 +30,6 @@ import subprocess
 import sys
 
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 from benchmarks.quantization_speed import median_seconds, synchronize, training_step
 from swalp.quant import formats, quantizer
@@ -111,7 +109,7 @@ def measure(config, device, batch_size, count_batch, steps, repeats):
 
 
 def run_config(config, device, args):
-    command = [sys.executable, os.path.abspath(__file__), "--device", str(device), "--batch-size",
+    command = [sys.executable, "-m", __spec__.name, "--device", str(device), "--batch-size",
                str(args.batch_size), "--count-batch", str(args.count_batch), "--steps", str(args.steps),
                "--repeats", str(args.repeats), "--config", config]
     env = dict(os.environ, TRITON_INTERPRET="1") if interpreted(config, device) else os.environ

@@ -7,7 +7,7 @@ writing it as train.py does (torch.save to a temporary file, fsync, rename),
 computing its content checksum, loading it, and loading plus verifying.
 Prints a table and, with --json, writes one:
 
-    python benchmarks/checkpoint_cost.py [--dir DIR] [--repeats N] [--json PATH]
+    python -m benchmarks.checkpoint_cost [--dir DIR] [--repeats N] [--json PATH]
 """
 
 import argparse
@@ -21,7 +21,6 @@ import time
 
 import torch
 from torch.optim.swa_utils import AveragedModel
-
 
 import models
 from swalp.run import checkpoint_files, rng, state

@@ -18,7 +18,7 @@ Data: real CIFAR10 under --data_path, or by default a fake CIFAR10 in the
 real on-disk format (swalp/data/fake_cifar.py) of --images training and
 --test-images test images, loaded through torchvision like real data.
 
-    python benchmarks/data_speed.py [--images 2560] [--rounds 2] [--json PATH]
+    python -m benchmarks.data_speed [--images 2560] [--rounds 2] [--json PATH]
 """
 
 import argparse

@@ -5,7 +5,7 @@ activation of VGG16's first block at batch 128), stochastic and nearest,
 with our kernels (torch backend) and qtorch's where it has the format; a
 plain copy is the floor. Prints a table and writes JSON:
 
-    python benchmarks/format_speed.py [--device cpu|cuda] [--formats SPEC ...] [--json PATH]
+    python -m benchmarks.format_speed [--device cpu|cuda] [--formats SPEC ...] [--json PATH]
 """
 
 import argparse
@@ -15,7 +15,6 @@ import platform
 import sys
 
 import torch
-
 
 from benchmarks.quantization_speed import median_seconds
 from swalp.quant import backends, specs

@@ -11,7 +11,7 @@
 
 Prints a table and writes JSON:
 
-    python benchmarks/quantization_speed.py [--device cpu|cuda] [--json PATH]
+    python -m benchmarks.quantization_speed [--device cpu|cuda] [--json PATH]
 """
 
 import argparse
@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-
 
 import models
 import swalp
@@ -118,7 +117,7 @@ def step_config(name, device, batch_size, steps):
 def step_table(device, batch_size, steps):
     rows = []
     for name in ("fp", "torch", "qtorch"):
-        command = [sys.executable, os.path.abspath(__file__), "--device", str(device), "--batch-size",
+        command = [sys.executable, "-m", __spec__.name, "--device", str(device), "--batch-size",
                    str(batch_size), "--steps", str(steps), "--step-config", name]
         child = subprocess.run(command, capture_output=True, text=True)
         if child.returncode != 0:

@@ -16,7 +16,7 @@ PreResNet164, full precision and `lp8`):
   the end), how many remain with `--keep_checkpoints 2` (the newest two and
   the one at `swa_start`), and the disk of the default table (3 seeds).
 
-    python benchmarks/run_cost.py [--json PATH]
+    python -m benchmarks.run_cost [--json PATH]
 """
 
 import argparse

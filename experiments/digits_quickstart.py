@@ -7,7 +7,7 @@ the gradient accumulator included, `--small-block FC`), which gives SGD-LP
 and SWALP. Then prints their test errors side by side, per seed and as the
 mean over seeds. Needs no download: the digits ship with scikit-learn.
 
-    python experiments/digits_quickstart.py [--seeds 1 2 3] [--model PreResNet20] [--out DIR] [-- train.py flags]
+    python -m experiments.digits_quickstart [--seeds 1 2 3] [--model PreResNet20] [--out DIR] [-- train.py flags]
 
 Each run's own output goes to <out>/<precision>/seed<seed>/train.log, the
 table also to <out>/summary.json. Flags after `--` go to every train.py run
@@ -50,19 +50,24 @@ def train_digits(model, precision, seed, run_dir, extra):
 
 
 def table(errors):
-    """Markdown rows: one per seed, then the mean over seeds."""
+    """Markdown rows: one per seed, then the mean ± sample standard deviation
+    over seeds (a seed's row repeats bit for bit only on the same kind of CPU
+    and thread count, see docs/reliability.md; the mean and spread are what
+    carry over to another machine)."""
     seeds = sorted({seed for _, seed in errors})
     rows = []
     for seed in seeds:
-        rows.append([f"seed {seed}"] + [errors.get((precision, seed), {}).get(key) for precision, key in COLUMNS])
+        values = [errors.get((precision, seed), {}).get(key) for precision, key in COLUMNS]
+        rows.append([f"seed {seed}"] + [None if value is None else f"{value:.2f}" for value in values])
     if len(seeds) > 1:
-        means = []
+        spreads = []
         for precision, key in COLUMNS:
             values = [errors[(precision, seed)][key] for seed in seeds if (precision, seed) in errors]
-            means.append(statistics.fmean(values) if values else None)
-        rows.append([f"mean of {len(seeds)}"] + means)
-    return tabulate.tabulate(rows, ["test error %", *COLUMNS.values()], tablefmt="github", floatfmt=".2f",
-                             missingval="-")
+            spreads.append(f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+                           if len(values) > 1 else None)
+        rows.append([f"mean ± std of {len(seeds)}"] + spreads)
+    return tabulate.tabulate(rows, ["test error %", *COLUMNS.values()], tablefmt="github", missingval="-",
+                             disable_numparse=True)
 
 
 def build_parser():

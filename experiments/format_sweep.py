@@ -13,7 +13,7 @@ largest weight (as in logistic_regression.py). Block and MX formats see the
 weights of each class as one row, so blocks run along the features (the
 dimension a product x W sums over).
 
-    python experiments/format_sweep.py [--formats fixed8 e4m3 e5m2 mxfp8 mxfp4 mxint8 ...] [--epochs N]
+    python -m experiments.format_sweep [--formats fixed8 e4m3 e5m2 mxfp8 mxfp4 mxint8 ...] [--epochs N]
 
 prints the final training loss and test error per format and writes a PNG
 and a JSON (experiments/results/format_sweep.*).
@@ -23,7 +23,6 @@ import argparse
 import os
 import re
 import time
-
 
 
 from experiments import common, logistic_regression

@@ -19,7 +19,7 @@ while SGD-LP stays in a noise ball whose size is set by the grid step 2^-fl.
 Every curve is the mean over `--replicates` independent runs (run as one
 batch) that share the data set.
 
-    python experiments/linear_regression.py [--iterations N] [--seed S] [--out PATH.png]
+    python -m experiments.linear_regression [--iterations N] [--seed S] [--out PATH.png]
 
 prints a table and writes PATH.png and PATH.json.
 """
@@ -30,7 +30,6 @@ import os
 import time
 
 import torch
-
 
 from experiments import common
 from swalp.quant import torch_kernels

@@ -28,7 +28,7 @@ closer to full precision, most visibly at few bits. Every number is the mean
 over `--replicates` runs (one batch) that differ only in their sampling and
 rounding noise; the methods share the sample order (common random numbers).
 
-    python experiments/logistic_regression.py [--epochs N] [--seed S] [--out PATH.png] [--data_path DIR]
+    python -m experiments.logistic_regression [--epochs N] [--seed S] [--out PATH.png] [--data_path DIR]
 
 prints a table and writes PATH.png and PATH.json.
 """
@@ -40,7 +40,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 
 from experiments import common
 from swalp.quant import torch_kernels

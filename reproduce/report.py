@@ -25,7 +25,6 @@ import statistics
 import sys
 from collections import defaultdict
 
-
 from swalp.quant.kinds import NUMBER_KINDS, from_record, precision_tag
 
 PAPER = {  # test error %, mean and std over 3 seeds (the paper's table)
@@ -83,31 +82,38 @@ def is_eight_bit(config):
 
 
 def load_runs(root):
-    """Every results.json under root, with its path."""
-    runs = []
+    """Every results.json under root: (path, results) of those that are a
+    run's record, sorted, and (path, why not) of the others."""
+    runs, unreadable = [], []
     for directory, _, files in os.walk(root):
         if "results.json" in files:
             path = os.path.join(directory, "results.json")
             try:
                 with open(path) as handle:
-                    runs.append((path, json.load(handle)))
+                    results = json.load(handle)
             except (OSError, ValueError) as error:
-                print(f"skipping {path}: {error}", file=sys.stderr)
-    return sorted(runs, key=lambda item: item[0])
+                unreadable.append((path, f"cannot be read: {error}"))
+                continue
+            if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+                unreadable.append((path, "is not a run's record (no config)"))
+            else:
+                runs.append((path, results))
+    return sorted(runs, key=lambda item: item[0]), sorted(unreadable)
 
 
 def group(runs):
     """Finished runs by (dataset, model, recipe, format), one per seed; and
     notes on the runs left out (unfinished, diverged, repeated seeds)."""
-    finished, left_out = defaultdict(dict), defaultdict(int)
-    for _, results in runs:
+    finished, left_out = defaultdict(dict), defaultdict(list)
+    for path, results in runs:
         config = results["config"]
         key = (config["dataset"], config["model"], recipe(config), number_format(config))
         status = results.get("status")
+        done = f"{len(results.get('epochs', []))} of {config.get('epochs')} epochs"
         if status != "finished":
-            left_out[(status if status == "diverged" else "not finished", key)] += 1
+            left_out[(status if status == "diverged" else "not finished", key)].append(f"{path} ({status}, {done})")
         elif config.get("seed") in finished[key]:
-            left_out[("a repeated seed", key)] += 1
+            left_out[("a repeated seed", key)].append(f"{path} (seed {config.get('seed')})")
         else:
             finished[key][config.get("seed")] = results
     return {key: list(by_seed.values()) for key, by_seed in finished.items()}, left_out
@@ -162,8 +168,9 @@ def table(finished, left_out):
             lines.append(f"| {dataset} | {model} | {describe(recipe_items)} | {fmt} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Test error %, mean ± sample std over seeds (number of finished seeds); [paper mean ± std, 3 seeds].")
-    for (reason, (dataset, model, recipe_items, fmt)), count in sorted(left_out.items(), key=str):
-        lines.append(f"Left out, {reason}: {count} run(s) of {dataset} {model} {fmt} ({describe(recipe_items)}).")
+    for (reason, (dataset, model, recipe_items, fmt)), which in sorted(left_out.items(), key=str):
+        lines.append(f"Left out, {reason}: {len(which)} run(s) of {dataset} {model} {fmt} ({describe(recipe_items)}): "
+                     + "; ".join(which))
     return "\n".join(lines)
 
 
@@ -241,12 +248,14 @@ def main(argv=None):
     parser.add_argument("root", help="directory searched for results.json files")
     parser.add_argument("--plots", metavar="DIR", help="write test-error curves as PNGs into DIR")
     args = parser.parse_args(argv)
-    runs = load_runs(args.root)
-    if not runs:
+    runs, unreadable = load_runs(args.root)
+    if not runs and not unreadable:
         print(f"error: no results.json under {args.root}; run reproduce/run.py first", file=sys.stderr)
         sys.exit(2)
     finished, left_out = group(runs)
     print(table(finished, left_out))
+    for path, reason in unreadable:
+        print(f"Left out, unreadable: {path} {reason}.")
     if args.plots:
         for path in plot(finished, args.plots):
             print(f"wrote {path}")

@@ -72,7 +72,8 @@ class Job:
         partial (other outputs) or new."""
         try:
             with open(os.path.join(self.run_dir, "results.json")) as handle:
-                return json.load(handle).get("status", "partial")
+                results = json.load(handle)
+            return results.get("status", "partial") if isinstance(results, dict) else "partial"
         except FileNotFoundError:
             # Lock files say nothing of progress (train.py's stays after a kill -9).
             outputs = [name for name in os.listdir(self.run_dir) if name not in (".runner.lock", ".train.lock")] \
@@ -106,16 +107,36 @@ def make_jobs(args):
 
 def launch(job, gpu):
     """Run one job to its end, its output appended to <run_dir>/train.log;
-    returns its exit code, or None when another runner holds the run. A run
-    that stopped before its first checkpoint has nothing to resume and
-    starts afresh."""
+    returns its exit code, None when another runner holds the run, or
+    "busy (process N on HOST)" when a train.py still runs in it (one whose
+    runner was killed). A run that stopped before its first checkpoint has
+    nothing to resume and starts afresh."""
     os.makedirs(job.run_dir, exist_ok=True)
     with open(os.path.join(job.run_dir, ".runner.lock"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None
+        owner = training_owner(job.run_dir)
+        if owner:
+            return f"busy ({owner})"
         return _run_locked(job, gpu)
+
+
+def training_owner(run_dir):
+    """Who holds train.py's lock on run_dir (its lock file names the process), or None."""
+    path = os.path.join(run_dir, ".train.lock")
+    try:
+        handle = open(path)
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def _run_locked(job, gpu):
@@ -156,7 +177,8 @@ def run_jobs(jobs, gpus, start=launch, report=print):
     def work(job, gpu):
         try:
             code = start(job, gpu)
-            outcome = {0: "done", None: "skip (running elsewhere)"}.get(code, f"FAILED (exit {code})")
+            outcome = code if isinstance(code, str) else {0: "done", None: "skip (running elsewhere)"}.get(
+                code, f"FAILED (exit {code})")
         except Exception as error:  # a run that cannot even start is a failed run
             code, outcome = 1, f"FAILED ({type(error).__name__}: {error})"
         finally:
@@ -164,7 +186,7 @@ def run_jobs(jobs, gpus, start=launch, report=print):
         with lock:
             where = "" if gpu is None else f" (GPU {gpu})"
             report(f"{outcome}: {job.name}{where}")
-            if code not in (0, None):
+            if isinstance(code, int) and code != 0:
                 failed.append(job)
 
     for job in jobs:

@@ -1,11 +1,15 @@
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from runs import LOW_PRECISION_RUN, ROOT
+from runs import LOW_PRECISION_RUN, ROOT, train_here
 from swalp.data.fake_cifar import patch_torchvision_md5, write_fake_cifar
+
+# A download attempt fails at once instead of leaving the machine (this process's and its children's).
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
 
 
 @pytest.fixture(scope="session")
@@ -16,12 +20,23 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def cifar_in_process(cifar_root, monkeypatch):
-    """cifar_root, with torchvision told the fake files' md5 sums in this process."""
-    import json
+@pytest.fixture(scope="session", autouse=True)
+def offline_with_fake_cifar(cifar_root):
+    """For the whole session: torchvision knows the fake files' md5 sums in
+    this process (a test may patch its own over them), and no download
+    leaves the machine."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch_torchvision_md5(patch, json.loads((cifar_root / "md5.json").read_text()))
+        for key, value in OFFLINE.items():
+            patch.setenv(key, value)
+        patch.delenv("no_proxy", raising=False)
+        patch.delenv("NO_PROXY", raising=False)
+        yield
 
-    patch_torchvision_md5(monkeypatch, json.loads((cifar_root / "md5.json").read_text()))
+
+@pytest.fixture
+def cifar_in_process(cifar_root):
+    """cifar_root, readable through torchvision in this process."""
     return cifar_root
 
 
@@ -33,8 +48,7 @@ def fake_cifar_env(cifar_root):
     # The repository too: scripts started by path import the swalp package even where it is not installed.
     env["PYTHONPATH"] = os.pathsep.join([str(cifar_root / "site"), ROOT, env.get("PYTHONPATH", "")])
     env["FAKE_CIFAR_MD5"] = str(cifar_root / "md5.json")
-    # A download attempt fails at once instead of leaving the machine.
-    env["http_proxy"] = env["https_proxy"] = "http://127.0.0.1:9"
+    env.update(OFFLINE)
     env.pop("no_proxy", None)
     env.pop("NO_PROXY", None)
     return env
@@ -53,10 +67,19 @@ def run_train(cifar_root, fake_cifar_env):
 
 
 @pytest.fixture(scope="session")
-def low_precision_run(run_train, tmp_path_factory):
+def train_fast(cifar_root):
+    """Like run_train, but train.main in this process: no interpreter to start
+    and no torch to import, seconds each. For runs whose process boundary
+    does not matter (no signals, no second process)."""
+    train_here.data_path = cifar_root
+    return train_here
+
+
+@pytest.fixture(scope="session")
+def low_precision_run(train_fast, tmp_path_factory):
     """One seeded 8-bit run on the CPU (the torch backend), with a checkpoint per epoch."""
     run_dir = tmp_path_factory.mktemp("lp") / "run"
-    result = run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir)
+    result = train_fast(*LOW_PRECISION_RUN, "--data_path", train_fast.data_path, "--dir", run_dir)
     assert result.returncode == 0, result.stderr
     assert "torch backend" in result.stdout  # auto picks ours on the CPU
     return run_dir
@@ -65,19 +88,12 @@ def low_precision_run(run_train, tmp_path_factory):
 
 
 @pytest.fixture
-def train_in_process(cifar_in_process, capsys):
-    """Run `train.main(ARGS)` in this process (no interpreter start-up, no
-    import of torch): returns (exit code, stdout, stderr)."""
-    import train
+def train_in_process(cifar_in_process):
+    """Run `train.main(ARGS)` in this process: returns (exit code, stdout, stderr)."""
 
     def run(*args):
-        try:
-            train.main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exit:
-            code = exit.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        result = train_here(*args)
+        return result.returncode, result.stdout, result.stderr
 
     run.data_path = cifar_in_process
     return run

@@ -1,5 +1,7 @@
 """Command lines and comparisons shared by the end-to-end tests."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -53,3 +55,18 @@ def wait_for(path, process, timeout=300):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def train_here(*args, timeout=None):
+    """`python train.py ARGS` as train.main in this process: a CompletedProcess
+    with its exit code and what it printed."""
+    import train
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            train.main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+    return subprocess.CompletedProcess(["train.py", *map(str, args)], code, out.getvalue(), err.getvalue())

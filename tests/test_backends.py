@@ -7,7 +7,6 @@ import swalp
 import train
 from swalp.errors import UserError
 from swalp.quant import backends
-from swalp.run import arguments
 from swalp.run.quantizers import choose_quantizers
 
 
@@ -65,14 +64,14 @@ def test_auto_falls_back_when_triton_does_not_compile(monkeypatch):
 def test_explicit_qtorch_that_does_not_build_is_a_clear_error(broken_qtorch):
     with pytest.raises(backends.BackendUnavailable):
         backends.choose_backend("qtorch", torch.device("cpu"))
-    args = arguments.parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8",
+    args = train.parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8",
                                             "--quant-backend", "qtorch"])
     with pytest.raises(UserError, match="--quant-backend qtorch: qtorch's kernels failed to build"):
         choose_quantizers(args, torch.device("cpu"), swalp.StepNoise(0))
 
 
 def test_full_precision_never_loads_a_backend(broken_qtorch):
-    args = arguments.parse_args(["--data_path", "d", "--model", "VGG16", "--quant-backend", "qtorch"])
+    args = train.parse_args(["--data_path", "d", "--model", "VGG16", "--quant-backend", "qtorch"])
     quantizers, backend = choose_quantizers(args, torch.device("cpu"), swalp.StepNoise(0))
     assert backend is None and set(quantizers.values()) == {None}
 

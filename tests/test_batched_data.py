@@ -11,7 +11,7 @@ from PIL import Image
 
 import train
 from swalp.data import batched, cifar, loaders
-from swalp.run import arguments, distributed
+from swalp.run import distributed
 
 CIFAR_AUGMENTATION = batched.BatchAugmentation(4, 0.5, cifar.CIFAR_MEAN, cifar.CIFAR_STD)
 
@@ -152,9 +152,9 @@ def test_a_device_without_room_for_the_data_ends_the_run_in_one_line(cifar_in_pr
 
 def test_imagenet_keeps_the_per_sample_path(capsys):
     imagenet = ["--dataset", "ImageNet", "--data_path", "x", "--model", "ResNet18"]
-    assert arguments.parse_args(imagenet).loader == "torchvision"
-    assert arguments.parse_args(["--data_path", "x", "--model", "VGG16"]).loader == "batched"
+    assert train.parse_args(imagenet).loader == "torchvision"
+    assert train.parse_args(["--data_path", "x", "--model", "VGG16"]).loader == "batched"
     with pytest.raises(SystemExit) as exit_info:
-        arguments.parse_args([*imagenet, "--loader", "batched"])
+        train.parse_args([*imagenet, "--loader", "batched"])
     assert exit_info.value.code == 2
     assert "use --loader torchvision with --dataset ImageNet" in capsys.readouterr().err

@@ -16,9 +16,9 @@ CYCLIC_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 5, "
 
 
 @pytest.fixture(scope="module")
-def cyclic_run(run_train, tmp_path_factory):
+def cyclic_run(train_fast, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cyclic") / "run"
-    result = run_train(*CYCLIC_RUN, "--data_path", run_train.data_path, "--dir", run_dir)
+    result = train_fast(*CYCLIC_RUN, "--data_path", train_fast.data_path, "--dir", run_dir)
     assert result.returncode == 0, result.stderr
     return run_dir, result
 
@@ -41,10 +41,10 @@ def test_cyclic_run_collects_at_each_cycle_end(cyclic_run):
     assert [event.step for event in steps.Scalars("swa/collected")] == [8, 13]
 
 
-def test_a_run_resumed_mid_cycle_continues_the_cycle(run_train, fake_cifar_env, cyclic_run, tmp_path):
+def test_a_run_resumed_mid_cycle_continues_the_cycle(train_fast, fake_cifar_env, cyclic_run, tmp_path):
     reference, _ = cyclic_run
     run_dir = tmp_path / "stopped"
-    args = [*CYCLIC_RUN, "--data_path", run_train.data_path, "--dir", run_dir]
+    args = [*CYCLIC_RUN, "--data_path", train_fast.data_path, "--dir", run_dir]
     process = start_train(fake_cifar_env, *args, "--save_every_steps", 1)
     wait_for(run_dir / "checkpoint-1-step1.pt", process)  # step 4, the first of the cycle ending at 8
     process.send_signal(signal.SIGTERM)
@@ -52,7 +52,7 @@ def test_a_run_resumed_mid_cycle_continues_the_cycle(run_train, fake_cifar_env, 
     assert process.returncode == 128 + signal.SIGTERM, stderr
     saved = stdout.strip().splitlines()[-1].split("--resume ")[-1].strip("'")
 
-    result = run_train(*args, "--resume", saved)
+    result = train_fast(*args, "--resume", saved)
     assert result.returncode == 0, result.stderr
     assert_same_run(reference, run_dir, epochs=5)
     results = json.loads((run_dir / "results.json").read_text())

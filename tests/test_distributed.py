@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import models
 import utils
 from runs import EIGHT_BIT, ROOT, assert_same_run, table_rows
-from swalp.run import arguments, distributed
+from swalp.run import distributed
 
 DDP_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 3, "--swa_start", 2, "--save_freq", 1,
            "--batch_size", 8, "--num_workers", 0, *EIGHT_BIT, "--wl-acc", 12]
@@ -59,9 +59,9 @@ def test_exact_resume_under_torchrun(ddp_run, fake_cifar_env, cifar_root, tmp_pa
     assert_same_run(reference, run_dir, epochs=3)
 
 
-def test_a_checkpoint_of_two_processes_continues_in_one(ddp_run, run_train, tmp_path):
+def test_a_checkpoint_of_two_processes_continues_in_one(ddp_run, train_fast, tmp_path):
     reference, _ = ddp_run
-    result = run_train(*DDP_RUN, "--data_path", run_train.data_path, "--dir", tmp_path / "single",
+    result = train_fast(*DDP_RUN, "--data_path", train_fast.data_path, "--dir", tmp_path / "single",
                        "--resume", reference / "checkpoint-2.pt")
     assert result.returncode == 0, result.stderr
     assert [int(row[0]) for row in table_rows(result.stdout)] == [3]
@@ -69,6 +69,7 @@ def test_a_checkpoint_of_two_processes_continues_in_one(ddp_run, run_train, tmp_
 
 
 def _worker(rank, size, init_file, inputs, state, queue):
+    torch.set_num_threads(1)  # two ranks on two cores
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     world = distributed.World(rank, size)
     torch.manual_seed(0)
@@ -87,7 +88,8 @@ def test_bn_statistics_and_evaluation_cover_the_whole_data_set_across_ranks(tmp_
     torch.manual_seed(1)
     inputs = torch.randn(23, 3, 32, 32) * 2 + 0.5  # 23 samples: uneven shards
     state = models.build_model("PreResNet20", num_classes=10).state_dict()
-    context = mp.get_context("spawn")
+    # Forked: a spawned process would spend seconds importing torch again.
+    context = mp.get_context("fork")
     queue = context.Queue()
     processes = [context.Process(target=_worker, args=(rank, 2, tmp_path / "init", inputs, state, queue))
                  for rank in range(2)]
@@ -136,7 +138,7 @@ def test_qtorch_backend_under_torchrun_keeps_the_optimizer_rounding_shared(fake_
 def test_replica_drift_is_detected(cifar_in_process, tmp_path, monkeypatch):
     import train
 
-    args = arguments.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "1",
+    args = train.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "1",
                              "--swa_start", "1", "--num_workers", "0", "--dir", str(tmp_path)])
     training = train.build(args, torch.device("cpu"), str(tmp_path))
     digest = training.state.replica_digest()

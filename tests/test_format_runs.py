@@ -64,7 +64,7 @@ def test_a_run_with_a_format_per_kind(cifar_in_process, tmp_path, capsys):
 
 
 def flags(*extra):
-    return arguments.parse_args(["--data_path", "d", "--model", "VGG16", *extra])
+    return train.parse_args(["--data_path", "d", "--model", "VGG16", *extra])
 
 
 def test_run_names_carry_the_formats():

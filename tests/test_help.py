@@ -2,8 +2,6 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -30,10 +28,7 @@ def option_blocks(help_text):
 
 @pytest.mark.parametrize("experiment", [linear_regression, logistic_regression])
 def test_convex_experiments_help_every_option_with_its_default(experiment):
-    result = subprocess.run([sys.executable, "-m", experiment.__name__, "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    blocks = option_blocks(result.stdout)
+    blocks = option_blocks(experiment.build_parser().format_help())
     options = [action for action in experiment.build_parser()._actions if action.dest != "help"]
     assert options and set(blocks) >= {action.option_strings[0] for action in options}
     for action in options:

@@ -57,9 +57,9 @@ def test_resnet18_is_torchvisions_with_quantizer_sites():
     assert net(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
-def test_eight_bit_resnet18_on_imagenet_end_to_end(run_train, imagenet_root, tmp_path):
+def test_eight_bit_resnet18_on_imagenet_end_to_end(train_fast, imagenet_root, tmp_path):
     run_dir = tmp_path / "imagenet"
-    result = run_train("--dataset", "ImageNet", "--data_path", imagenet_root, "--model", "ResNet18",
+    result = train_fast("--dataset", "ImageNet", "--data_path", imagenet_root, "--model", "ResNet18",
                        "--epochs", 2, "--swa_start", 1, "--wl-weight", 8, "--wl-grad", 8, "--wl-activate", 8,
                        "--wl-error", 8, "--wl-momentum", 8, "--batch_size", 4, "--num_workers", 0, "--dir", run_dir)
     assert result.returncode == 0, result.stderr
@@ -71,16 +71,16 @@ def test_eight_bit_resnet18_on_imagenet_end_to_end(run_train, imagenet_root, tmp
     assert checkpoint["model_state"]["fc.weight"].shape == (2, 512)
 
 
-def test_missing_imagenet_folders(run_train, tmp_path):
-    result = run_train("--dataset", "ImageNet", "--data_path", tmp_path, "--model", "ResNet18", "--dir",
+def test_missing_imagenet_folders(train_fast, tmp_path):
+    result = train_fast("--dataset", "ImageNet", "--data_path", tmp_path, "--model", "ResNet18", "--dir",
                        tmp_path / "run", *SMALL)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ImageNet needs class folders of images under") and \
         len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_cifar_model_on_imagenet_is_refused(run_train, tmp_path):
-    result = run_train("--dataset", "ImageNet", "--data_path", tmp_path, "--model", "VGG16")
+def test_a_cifar_model_on_imagenet_is_refused(train_fast, tmp_path):
+    result = train_fast("--dataset", "ImageNet", "--data_path", tmp_path, "--model", "VGG16")
     assert result.returncode == 2 and "--model VGG16 is for CIFAR; use ResNet18" in result.stderr
 
 

@@ -27,7 +27,7 @@ TINY = ["--model", "PreResNet20", "--epochs", "2", "--swa_start", "1", "--batch_
 
 
 def args_for(data_path, run_dir, *extra):
-    return arguments.parse_args(["--data_path", str(data_path), "--dir", str(run_dir), *TINY, *map(str, extra)])
+    return train.parse_args(["--data_path", str(data_path), "--dir", str(run_dir), *TINY, *map(str, extra)])
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_a_second_train_py_is_refused_while_the_first_is_alive(cifar_root, fake_
 def test_the_lock_dies_with_its_process(cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from swalp.run import arguments, run_directory; "
-                               "owner = run_directory.claim(arguments.parse_args(sys.argv[1:]), 'unused'); "
+        [sys.executable, "-c", "import sys, train; from swalp.run import run_directory; "
+                               "owner = run_directory.claim(train.parse_args(sys.argv[1:]), 'unused'); "
                                "print('locked', flush=True); sys.stdin.read()",
          "--data_path", str(cifar_root), "--dir", str(run_dir), *TINY],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -312,14 +312,14 @@ def test_resuming_beyond_epochs_is_refused(state, training):
 ])
 def test_flags_that_would_do_nothing_or_are_no_numbers_are_refused(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
-        arguments.parse_args(["--data_path", "data", "--model", "VGG16", *flags])
+        train.parse_args(["--data_path", "data", "--model", "VGG16", *flags])
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
 
 
 def test_format_for_every_kind_with_no_momentum_is_accepted():
-    args = arguments.parse_args(["--data_path", "data", "--model", "VGG16", "--format", "e4m3", "--momentum", "0"])
+    args = train.parse_args(["--data_path", "data", "--model", "VGG16", "--format", "e4m3", "--momentum", "0"])
     config = arguments.config(args)
     assert config["format_weight"] == "e4m3" and config["format_momentum"] == "e4m3"
 

@@ -108,8 +108,10 @@ def test_runner_then_report_on_short_real_runs_from_another_folder(fake_cifar_en
     dry run and the report all find the same run directories."""
     out = tmp_path / "paper"
     args = ["--data_path", os.path.relpath(cifar_root, tmp_path), "--out", "paper", "--datasets", "CIFAR10",
-            "--seeds", 1, 2, "--keep-checkpoints", 1, *TINY]
-    result = reproduce("run.py", *args, env=fake_cifar_env, cwd=tmp_path)
+            "--seeds", 1, 2, "--keep-checkpoints", 1, "--gpus", "0,1", *TINY]
+    # Two runs side by side on one thread each (each "GPU" is the CPU here):
+    # the runs are mostly interpreter start-up, which then overlaps.
+    result = reproduce("run.py", *args, env=dict(fake_cifar_env, OMP_NUM_THREADS="1"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 of 4 runs done" in result.stdout
     run_dir = out / "CIFAR10-VGG16-lp8" / "seed1"
@@ -245,3 +247,46 @@ def test_plot_shows_sgd_and_swa_apart_within_0_to_100_percent():
     assert lines[("SGD", "8-bit")].get_color() != lines[("SGD", "fp")].get_color()
     plt.close(figure)
     assert report.error_limits([20.0, 30.0]) == (19.5, 30.5)
+
+
+def test_results_that_are_not_a_record_are_listed_not_a_crash(tmp_path):
+    bad = tmp_path / "paper" / "CIFAR10-VGG16-fp" / "seed1"
+    bad.mkdir(parents=True)
+    (bad / "results.json").write_text("[]")
+    assert runner.Job("x", str(bad), "CIFAR10").status() == "partial"
+    result = reproduce("report.py", tmp_path / "paper")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"Left out, unreadable: {bad / 'results.json'} is not a run's record (no config)." in result.stdout
+    dry = reproduce("run.py", "--data_path", "data", "--out", tmp_path / "paper", "--seeds", 1, "--dry-run")
+    assert dry.returncode == 0 and "Traceback" not in dry.stderr, dry.stderr
+
+
+def test_the_report_names_each_run_it_leaves_out_and_why():
+    config = {"dataset": "CIFAR10", "model": "VGG16", "epochs": 4, "seed": 1, "batch_size": 128, "lr_init": 0.05,
+              "swa_start": 2, "swa_lr": 0.01, "wd": 5e-4}
+    runs = [("a/results.json", {"status": "running", "config": config, "epochs": [{}, {}, {}]})]
+    lines = report.table(*report.group(runs)).splitlines()
+    assert any(line.startswith("Left out, not finished: 1 run(s)") and "a/results.json (running, 3 of 4 epochs)"
+               in line for line in lines), lines
+
+
+def test_a_run_whose_runner_was_killed_is_busy_not_failed(tmp_path):
+    """A kill -9 of the runner leaves its train.py training: the next runner
+    skips that run, naming the process, and does not count it as failed."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\nhandle = open(sys.argv[1], 'a+')\n"
+                               "fcntl.flock(handle, fcntl.LOCK_EX)\nhandle.write(f'process {os.getpid()} on box')\n"
+                               "handle.flush()\nprint('locked', flush=True)\nsys.stdin.read()",
+         str(run_dir / ".train.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        job = runner.Job("CIFAR10-VGG16-fp seed 1", str(run_dir), "CIFAR10", ["false"])
+        lines = []
+        assert runner.run_jobs([job], None, report=lines.append) == []
+        assert lines[-1] == f"busy (process {holder.pid} on box): CIFAR10-VGG16-fp seed 1"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runner.training_owner(str(run_dir)) is None  # the lock died with its process

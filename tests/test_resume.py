@@ -3,21 +3,23 @@
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from runs import LOW_PRECISION_RUN, SMALL, assert_same_run, start_train, table_rows, wait_for
-from swalp.run import arguments, checkpoint_files
+from runs import LOW_PRECISION_RUN, ROOT, SMALL, assert_same_run, start_train, table_rows, wait_for
+from swalp.run import checkpoint_files
 
 FP_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 2, "--swa_start", 1, *SMALL]
 
 
 def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(
-        run_train, fake_cifar_env, low_precision_run, tmp_path):
+        train_fast, fake_cifar_env, low_precision_run, tmp_path):
     run_dir = tmp_path / "killed"
-    args = [*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--save_every_steps", 1]
+    args = [*LOW_PRECISION_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--save_every_steps", 1]
     process = start_train(fake_cifar_env, *args)
     wait_for(run_dir / "checkpoint-1-step2.pt", process)
     process.kill()
@@ -26,7 +28,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(
     newest = max(run_dir.glob("checkpoint-*.pt"), key=os.path.getmtime)
     torch.load(newest, weights_only=True)  # a kill, even during a save, leaves the newest checkpoint whole
 
-    result = run_train(*args, "--resume", "auto")
+    result = train_fast(*args, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert f"Resumed from {newest}" in result.stdout
     assert_same_run(low_precision_run, run_dir, epochs=4)
@@ -37,9 +39,9 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_at_the_next_step_and_says_how_to_resume(
-        run_train, fake_cifar_env, low_precision_run, tmp_path, signum):
+        train_fast, fake_cifar_env, low_precision_run, tmp_path, signum):
     run_dir = tmp_path / "stopped"
-    args = [*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", run_dir]
+    args = [*LOW_PRECISION_RUN, "--data_path", train_fast.data_path, "--dir", run_dir]
     process = start_train(fake_cifar_env, *args, "--save_every_steps", 1)
     wait_for(run_dir / "checkpoint-2-step1.pt", process)
     process.send_signal(signum)
@@ -52,7 +54,7 @@ def test_a_signal_saves_at_the_next_step_and_says_how_to_resume(
     saved = command.split("--resume ")[-1].strip("'")
     assert os.path.exists(saved)
 
-    result = run_train(*args, "--resume", saved)
+    result = train_fast(*args, "--resume", saved)
     assert result.returncode == 0, result.stderr
     assert_same_run(low_precision_run, run_dir, epochs=4)
     # Only the newest mid-epoch checkpoint is kept; epoch checkpoints stay.
@@ -60,22 +62,22 @@ def test_a_signal_saves_at_the_next_step_and_says_how_to_resume(
         "checkpoint-1.pt", "checkpoint-2.pt", "checkpoint-3.pt", "checkpoint-4.pt"]
 
 
-def test_resume_auto_starts_fresh_in_an_empty_directory(run_train, tmp_path):
+def test_resume_auto_starts_fresh_in_an_empty_directory(train_fast, tmp_path):
     run_dir = tmp_path / "fresh"
-    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", "auto")
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert "Resumed" not in result.stdout
     assert [int(row[0]) for row in table_rows(result.stdout)] == [1, 2]
 
 
 @pytest.fixture(scope="module")
-def fp_checkpoint(run_train, tmp_path_factory):
+def fp_checkpoint(train_fast, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fp") / "run"
-    assert run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir).returncode == 0
+    assert train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir).returncode == 0
     return run_dir / "checkpoint-1.pt"
 
 
-def run_in_copy(run_train, tmp_path, checkpoint_bytes, *extra):
+def run_in_copy(train_fast, tmp_path, checkpoint_bytes, *extra):
     """Resume from a checkpoint with the given bytes, kept in a directory
     holding a finished run; returns the result and asserts the directory is
     untouched."""
@@ -84,7 +86,7 @@ def run_in_copy(run_train, tmp_path, checkpoint_bytes, *extra):
     (run_dir / "results.json").write_text('{"status": "finished"}')
     bad = run_dir / "bad.pt"
     bad.write_bytes(checkpoint_bytes)
-    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", bad, *extra)
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--resume", bad, *extra)
     assert sorted(p.name for p in run_dir.iterdir()) == ["bad.pt", "results.json"]
     assert (run_dir / "results.json").read_text() == '{"status": "finished"}'
     return result
@@ -98,35 +100,35 @@ def one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_truncated_checkpoint(run_train, fp_checkpoint, tmp_path):
+def test_truncated_checkpoint(train_fast, fp_checkpoint, tmp_path):
     data = fp_checkpoint.read_bytes()
-    one_line_error(run_in_copy(run_train, tmp_path, data[: len(data) // 2]), "truncated or corrupt")
+    one_line_error(run_in_copy(train_fast, tmp_path, data[: len(data) // 2]), "truncated or corrupt")
 
 
-def test_corrupt_checkpoint(run_train, tmp_path):
-    one_line_error(run_in_copy(run_train, tmp_path, os.urandom(5000)), "bad.pt", "corrupt")
+def test_corrupt_checkpoint(train_fast, tmp_path):
+    one_line_error(run_in_copy(train_fast, tmp_path, os.urandom(5000)), "bad.pt", "corrupt")
 
 
-def test_checkpoint_with_foreign_objects_is_refused(run_train, tmp_path):
+def test_checkpoint_with_foreign_objects_is_refused(train_fast, tmp_path):
     import argparse
     import io
 
     buffer = io.BytesIO()
     torch.save({"config": argparse.Namespace(model="PreResNet20")}, buffer)
-    one_line_error(run_in_copy(run_train, tmp_path, buffer.getvalue()), "other than tensors and plain values")
+    one_line_error(run_in_copy(train_fast, tmp_path, buffer.getvalue()), "other than tensors and plain values")
 
 
 @pytest.mark.parametrize("content", [{"epoch": 1, "model_state": {}}, [1, 2], torch.zeros(2)])
-def test_checkpoint_missing_parts(run_train, tmp_path, content):
+def test_checkpoint_missing_parts(train_fast, tmp_path, content):
     import io
 
     buffer = io.BytesIO()
     torch.save(content, buffer)
-    one_line_error(run_in_copy(run_train, tmp_path, buffer.getvalue()), "lacks", "config")
+    one_line_error(run_in_copy(train_fast, tmp_path, buffer.getvalue()), "lacks", "config")
 
 
-def test_empty_checkpoint_file(run_train, tmp_path):
-    one_line_error(run_in_copy(run_train, tmp_path, b""), "bad.pt", "truncated or corrupt")
+def test_empty_checkpoint_file(train_fast, tmp_path):
+    one_line_error(run_in_copy(train_fast, tmp_path, b""), "bad.pt", "truncated or corrupt")
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -139,8 +141,8 @@ def test_empty_checkpoint_file(run_train, tmp_path):
     (["--swa_schedule", "cyclic"], "--swa_schedule constant, this run has cyclic"),
     (["--loader", "torchvision"], "--loader batched, this run has torchvision"),
 ])
-def test_mismatched_checkpoint(run_train, fp_checkpoint, tmp_path, flags, fragment):
-    one_line_error(run_in_copy(run_train, tmp_path, fp_checkpoint.read_bytes(), *flags), fragment)
+def test_mismatched_checkpoint(train_fast, fp_checkpoint, tmp_path, flags, fragment):
+    one_line_error(run_in_copy(train_fast, tmp_path, fp_checkpoint.read_bytes(), *flags), fragment)
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -153,44 +155,44 @@ def test_mismatched_checkpoint(run_train, fp_checkpoint, tmp_path, flags, fragme
     (["--dataset", "MNIST"], "--dataset: invalid choice: 'MNIST'"),
     (["--save_every_steps", "-1"], "--save_every_steps: -1 must be 0 or more"),
 ])
-def test_invalid_flags(run_train, tmp_path, flags, fragment):
-    result = run_train("--data_path", run_train.data_path, "--model", "VGG16", "--dir", tmp_path / "run", *flags)
+def test_invalid_flags(train_fast, tmp_path, flags, fragment):
+    result = train_fast("--data_path", train_fast.data_path, "--model", "VGG16", "--dir", tmp_path / "run", *flags)
     one_line_error(result, fragment)
     assert not (tmp_path / "run").exists()
 
 
-def test_unwritable_run_directory(run_train, tmp_path):
+def test_unwritable_run_directory(train_fast, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", blocker / "run")
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", blocker / "run")
     one_line_error(result, "cannot write to run directory", "choose another --dir")
 
 
-def test_corrupt_data_file_in_a_run(run_train, tmp_path):
+def test_corrupt_data_file_in_a_run(train_fast, tmp_path):
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(run_train.data_path / "cifar10", data / "cifar10")
+    shutil.copytree(train_fast.data_path / "cifar10", data / "cifar10")
     (data / "cifar10" / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")
-    result = run_train(*FP_RUN, "--data_path", data, "--dir", tmp_path / "run")
+    result = train_fast(*FP_RUN, "--data_path", data, "--dir", tmp_path / "run")
     one_line_error(result, "missing or corrupt", "cifar-10-batches-py")
 
 
-def test_overwrite_replaces_only_the_previous_run(run_train, tmp_path):
+def test_overwrite_replaces_only_the_previous_run(train_fast, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for name in ("results.json", "checkpoint-7.pt", "checkpoint-7-step3.pt", "notes.txt"):
         (run_dir / name).write_text("old")
-    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--overwrite")
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--overwrite")
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events") and p.name != "steps")
     assert names == ["checkpoint-1.pt", "checkpoint-2.pt", "notes.txt", "results.json"]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
 
 
-def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(run_train, tmp_path):
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(train_fast, tmp_path):
     run_dir = tmp_path / "diverged"
-    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--lr_init", 1e6,
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--lr_init", 1e6,
                        "--save_every_steps", 1)
     one_line_error(result, "the loss became nan at epoch 1, step 3", "checkpoint-0-step2.pt")
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-0-step2.pt"]
@@ -199,11 +201,11 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(run_train, tmp_
     assert results["status"] == "diverged" and results["diverged_at"] == {"epoch": 1, "step": 3}
 
 
-def test_sigterm_to_the_whole_process_group_with_loader_workers(run_train, fake_cifar_env, tmp_path):
+def test_sigterm_to_the_whole_process_group_with_loader_workers(train_fast, fake_cifar_env, tmp_path):
     # Launchers and schedulers signal every process of the group, loader workers included.
-    per_sample = [*LOW_PRECISION_RUN, "--epochs", 3, "--data_path", run_train.data_path, "--loader", "torchvision"]
+    per_sample = [*LOW_PRECISION_RUN, "--epochs", 2, "--data_path", train_fast.data_path, "--loader", "torchvision"]
     reference = tmp_path / "reference"
-    assert run_train(*per_sample, "--dir", reference).returncode == 0
+    assert train_fast(*per_sample, "--dir", reference).returncode == 0
     run_dir = tmp_path / "group"
     args = [*per_sample, "--dir", run_dir, "--num_workers", 2]
     process = start_train(fake_cifar_env, *args, "--save_every_steps", 1, new_session=True)
@@ -212,45 +214,45 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(run_train, fake_
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "Resume with:" in stdout
-    result = run_train(*args, "--resume", "auto")
+    result = train_fast(*args, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     # Two loader workers or none: the same augmentation, the same run.
-    assert_same_run(reference, run_dir, epochs=3)
+    assert_same_run(reference, run_dir, epochs=2)
 
 
-def test_resuming_another_runs_checkpoint_into_a_used_directory_is_refused(run_train, fp_checkpoint, tmp_path):
+def test_resuming_another_runs_checkpoint_into_a_used_directory_is_refused(train_fast, fp_checkpoint, tmp_path):
     run_dir = tmp_path / "other"
     run_dir.mkdir()
     (run_dir / "results.json").write_text('{"status": "finished"}')
-    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", fp_checkpoint)
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--resume", fp_checkpoint)
     one_line_error(result, "already holds a run; resume with one of its own checkpoints")
     assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]
 
 
-def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(run_train, tmp_path):
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(train_fast, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "results.json").write_text("old")
     (run_dir / "checkpoint-3.pt").write_text("old")
-    result = run_train(*FP_RUN, "--data_path", tmp_path / "no-data", "--dir", run_dir, "--overwrite")
+    result = train_fast(*FP_RUN, "--data_path", tmp_path / "no-data", "--dir", run_dir, "--overwrite")
     one_line_error(result, "could not be downloaded")
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-3.pt", "results.json"]
 
 
-def test_a_mid_epoch_checkpoint_needs_the_same_process_count(run_train, fp_checkpoint, tmp_path):
+def test_a_mid_epoch_checkpoint_needs_the_same_process_count(train_fast, fp_checkpoint, tmp_path):
     checkpoint = torch.load(fp_checkpoint, weights_only=True)
     checkpoint.update(step=1, world_size=2)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     torch.save(checkpoint_files.seal(checkpoint), run_dir / "checkpoint-1-step1.pt")
-    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", "auto")
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--resume", "auto")
     one_line_error(result, "is mid-epoch and was written by 2 process(es), this run has 1")
 
 
 def test_a_stop_at_an_epochs_last_step_saves_before_evaluating(cifar_in_process, tmp_path):
     import train
 
-    args = arguments.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "2",
+    args = train.parse_args(["--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "2",
                              "--swa_start", "1", "--batch_size", "16", "--num_workers", "0", "--dir", str(tmp_path)])
     training = train.build(args, torch.device("cpu"), str(tmp_path))
     training.open_logs(resumed=False)
@@ -275,10 +277,72 @@ def test_a_stop_at_an_epochs_last_step_saves_before_evaluating(cifar_in_process,
     resumed.close_logs()
 
 
-def test_resume_auto_in_a_directory_with_results_but_no_checkpoint(run_train, tmp_path):
+def test_resume_auto_in_a_directory_with_results_but_no_checkpoint(train_fast, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "results.json").write_text('{"status": "running"}')
-    result = run_train(*FP_RUN, "--data_path", run_train.data_path, "--dir", run_dir, "--resume", "auto")
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--resume", "auto")
     one_line_error(result, "holds results.json but no checkpoint to continue from")
     assert (run_dir / "results.json").read_text() == '{"status": "running"}'
+
+
+@pytest.mark.parametrize("damage", ["removed", "truncated", "one epoch short"])
+def test_a_resume_from_the_final_checkpoint_repairs_results_json(train_fast, fp_checkpoint, tmp_path, damage):
+    """A kill between the final checkpoint and the final results.json leaves
+    it missing, cut or an epoch short: a resume completes it as the
+    uninterrupted run wrote it."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(fp_checkpoint.parent, run_dir)
+    complete = json.loads((run_dir / "results.json").read_text())
+    path = run_dir / "results.json"
+    if damage == "removed":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_text(path.read_text()[:100])
+    else:
+        path.write_text(json.dumps({**complete, "status": "running", "epochs": complete["epochs"][:-1]}))
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert table_rows(result.stdout) == [] and result.stdout.splitlines()[-3] == "Done"
+    repaired = json.loads(path.read_text())
+    assert repaired == {**complete, "config": {**complete["config"], "dir": str(run_dir), "resume": "auto"}}
+
+
+def test_a_stop_while_loader_workers_start_stops_at_once(fake_cifar_env, train_fast, tmp_path):
+    """SIGTERM while the epoch waits for its first batch (here: a worker that
+    takes seconds to start; 975 took minutes) saves at the step boundary at
+    once, rather than after the first step."""
+    run_dir = tmp_path / "slow"
+    slow_workers = (
+        "import runpy, sys, time\n"
+        "from swalp.data import loaders\n"
+        "started = loaders.own_process_group\n"
+        "def slow(worker_id):\n"
+        "    started(worker_id)\n"
+        "    time.sleep(4)\n"
+        "loaders.own_process_group = slow\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    process = subprocess.Popen(
+        [sys.executable, "-c", slow_workers, os.path.join(ROOT, "train.py"), *map(str, FP_RUN), "--data_path",
+         str(train_fast.data_path), "--dir", str(run_dir), "--loader", "torchvision", "--num_workers", "1"],
+        cwd=ROOT, env=dict(fake_cifar_env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("Model PreResNet20"):
+            break
+    time.sleep(0.5)  # the worker is starting
+    process.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert f"Stopped by SIGTERM at epoch 1, step 0; saved {run_dir / 'checkpoint-0.pt'}" in stdout
+    result = train_fast(*FP_RUN, "--data_path", train_fast.data_path, "--dir", run_dir, "--loader", "torchvision",
+                        "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert [int(row[0]) for row in table_rows(result.stdout)] == [1, 2]

@@ -8,7 +8,6 @@ import models
 import swa
 import swalp
 from swalp.quant import quantizer
-from swalp.run import arguments
 
 
 @pytest.mark.parametrize("epoch, expected", [
@@ -119,7 +118,7 @@ def test_collection_steps(options, collected):
 def test_models_collected_within_an_epoch_are_averaged(cifar_in_process, tmp_path):
     import train
 
-    args = arguments.parse_args([
+    args = train.parse_args([
         "--data_path", str(cifar_in_process), "--model", "PreResNet20", "--epochs", "2", "--swa_start", "1",
         "--swa_c_steps", "1", "--batch_size", "16", "--num_workers", "0", "--dir", str(tmp_path)])
     training = train.build(args, torch.device("cpu"), str(tmp_path))

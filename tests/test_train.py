@@ -1,6 +1,9 @@
 """End-to-end runs of train.py as a subprocess on tiny CIFAR-format data."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import utils
 from grid import on_block_grid
 
-from runs import EIGHT_BIT, LOW_PRECISION_RUN, SMALL, assert_same_run, table_rows
+from runs import EIGHT_BIT, LOW_PRECISION_RUN, ROOT, SMALL, assert_same_run, table_rows
 
 
 def scalar_tags(run_dir):
@@ -46,9 +49,9 @@ def check_run(result, run_dir, epochs, swa_start, checkpoints):
     return results
 
 
-def test_full_precision_vgg16_on_cifar100(run_train, tmp_path):
+def test_full_precision_vgg16_on_cifar100(train_fast, tmp_path):
     run_dir = tmp_path / "fp"
-    result = run_train("--dataset", "CIFAR100", "--data_path", run_train.data_path, "--model", "VGG16",
+    result = train_fast("--dataset", "CIFAR100", "--data_path", train_fast.data_path, "--model", "VGG16",
                        "--epochs", 3, "--swa_start", 2, "--lr_init", 0.01, "--save_freq", 2,
                        "--momentum", 0.8, "--wd", 3e-4, "--dir", run_dir, *SMALL)
     results = check_run(result, run_dir, epochs=3, swa_start=2, checkpoints=[2, 3])
@@ -64,9 +67,9 @@ def test_full_precision_vgg16_on_cifar100(run_train, tmp_path):
     assert checkpoint["optimizer_state"]["state"], "momentum buffers are saved"
 
 
-def test_eight_bit_vgg16bn_on_cifar10(run_train, tmp_path):
+def test_eight_bit_vgg16bn_on_cifar10(train_fast, tmp_path):
     run_dir = tmp_path / "lp"
-    result = run_train("--dataset", "CIFAR10", "--data_path", run_train.data_path, "--model", "VGG16BN",
+    result = train_fast("--dataset", "CIFAR10", "--data_path", train_fast.data_path, "--model", "VGG16BN",
                        "--epochs", 3, "--swa_start", 2, *EIGHT_BIT, "--dir", run_dir, *SMALL)
     results = check_run(result, run_dir, epochs=3, swa_start=2, checkpoints=[2, 3])
     assert results["activation_quantizers"] == 15
@@ -87,7 +90,7 @@ def test_eight_bit_vgg16bn_on_cifar10(run_train, tmp_path):
     assert int(model["features.1.num_batches_tracked"]) == 3
 
 
-def test_seeded_low_precision_cpu_runs_are_bit_identical(run_train, low_precision_run, tmp_path):
+def test_seeded_low_precision_cpu_runs_are_bit_identical(run_train, train_fast, low_precision_run, tmp_path):
     again = tmp_path / "again"
     assert run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", again).returncode == 0
     results, _ = assert_same_run(low_precision_run, again, epochs=4)
@@ -95,15 +98,15 @@ def test_seeded_low_precision_cpu_runs_are_bit_identical(run_train, low_precisio
     assert results["swa_n"] == 2  # epochs 2 and 4
     other_seed = tmp_path / "other"
     # One epoch is enough to see another seed change the first epoch's loss.
-    assert run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", other_seed,
+    assert train_fast(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", other_seed,
                      "--seed", 2, "--epochs", 1, "--swa_start", 1, "--swa_c_epochs", 1).returncode == 0
     changed = json.loads((other_seed / "results.json").read_text())["epochs"][0]["train_loss"]
     assert changed != results["epochs"][0]["train_loss"]
 
 
-def test_resumed_low_precision_run_matches_the_uninterrupted_one(run_train, low_precision_run, tmp_path):
+def test_resumed_low_precision_run_matches_the_uninterrupted_one(train_fast, low_precision_run, tmp_path):
     resumed = tmp_path / "resumed"
-    result = run_train(*LOW_PRECISION_RUN, "--data_path", run_train.data_path, "--dir", resumed,
+    result = train_fast(*LOW_PRECISION_RUN, "--data_path", train_fast.data_path, "--dir", resumed,
                        "--resume", low_precision_run / "checkpoint-2.pt")
     assert result.returncode == 0, result.stderr
     assert "Resumed from" in result.stdout
@@ -114,9 +117,9 @@ def test_resumed_low_precision_run_matches_the_uninterrupted_one(run_train, low_
     assert_same_run(low_precision_run, resumed, epochs=4)
 
 
-def test_qtorch_backend_end_to_end(run_train, tmp_path):
+def test_qtorch_backend_end_to_end(train_fast, tmp_path):
     run_dir = tmp_path / "qtorch"
-    result = run_train("--dataset", "CIFAR10", "--data_path", run_train.data_path, "--model", "PreResNet20",
+    result = train_fast("--dataset", "CIFAR10", "--data_path", train_fast.data_path, "--model", "PreResNet20",
                        "--epochs", 1, "--swa_start", 1, *EIGHT_BIT, "--quant-backend", "qtorch", "--dir", run_dir,
                        *SMALL, "--batch_size", 40)  # qtorch's CPU kernels are slow: one step
     assert result.returncode == 0, result.stderr
@@ -148,6 +151,9 @@ def test_help_explains_every_flag(train_in_process):
     (["--device", "mps"], "--device mps is not supported"),
     (["--model", "ResNet1000"], "invalid choice: 'ResNet1000'"),
     (["--swa_start", 5], "--swa_start 5 is beyond --epochs 2"),
+    (["--num_workers", 10000], "--num_workers 10000 is far more than this machine's"),
+    (["--dir", ""], "--dir is empty; name a run directory"),
+    (["--model", "PreResNet2"], "invalid choice: 'PreResNet2' (choose from PreResNet164, PreResNet20, "),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_bad_flags_end_in_one_line_and_exit_code_2(train_in_process, tmp_path, flags, message):
@@ -161,14 +167,15 @@ def test_bad_flags_end_in_one_line_and_exit_code_2(train_in_process, tmp_path, f
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_data_says_where_to_put_it(run_train, tmp_path):
-    result = run_train("--data_path", tmp_path / "empty", "--model", "VGG16", "--epochs", 1, "--swa_start", 1,
+def test_missing_data_says_where_to_put_it(train_fast, tmp_path):
+    result = train_fast("--data_path", tmp_path / "empty", "--model", "VGG16", "--epochs", 1, "--swa_start", 1,
                        "--dir", tmp_path / "run", *SMALL)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert "could not be downloaded" in last and "cifar-10-batches-py" in last
     assert str(tmp_path / "empty" / "cifar10") in last
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "empty").exists()  # the failed download leaves no empty folder behind
 
 
 def test_a_finished_run_is_never_overwritten_silently(train_in_process, tmp_path):
@@ -188,9 +195,9 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(train_in_process, tmp
     assert code == 2 and "nope.pt does not exist" in stderr
 
 
-def test_eval_freq_and_the_originals_quantizer_options_end_to_end(run_train, tmp_path):
+def test_eval_freq_and_the_originals_quantizer_options_end_to_end(train_fast, tmp_path):
     run_dir = tmp_path / "options"
-    result = run_train("--dataset", "CIFAR10", "--data_path", run_train.data_path, "--model", "PreResNet20",
+    result = train_fast("--dataset", "CIFAR10", "--data_path", train_fast.data_path, "--model", "PreResNet20",
                        "--epochs", 4, "--swa_start", 1, "--eval_freq", 3, *EIGHT_BIT, "--quant-type", "nearest",
                        "--small-block", "FC", "--block-dim", "BC", "--quant-placement", "relu", "--dir", run_dir,
                        *SMALL, "--batch_size", 40)  # one step per epoch: the test is about what is evaluated
@@ -207,3 +214,50 @@ def test_eval_freq_and_the_originals_quantizer_options_end_to_end(run_train, tmp
     assert on_block_grid(weight, 8, rows=weight.reshape(weight.shape[0] * weight.shape[1], -1))
     bias = model["fc.bias"]
     assert on_block_grid(bias, 8, rows=bias.reshape(1, -1))
+
+
+def test_model_names_in_any_case_and_the_closest_one_for_a_typo(capsys):
+    import train
+
+    assert train.parse_args(["--model", "preresnet20", "--data_path", "d"]).model == "PreResNet20"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "PreResNet2", "--data_path", "d"])
+    assert capsys.readouterr().err.strip().endswith("did you mean PreResNet20? (see --help)")
+
+
+def test_the_default_loader_workers_fit_the_machine():
+    import train
+    from swalp.run.arguments import machine_cores
+
+    for dataset in ("digits", "CIFAR10"):
+        args = train.parse_args(["--dataset", dataset, "--model", "PreResNet20", "--data_path", "d"])
+        assert 1 <= args.num_workers <= min(4, machine_cores())
+
+
+def test_a_bad_flag_fails_before_torch_is_imported(tmp_path):
+    """train.py checks its flags first: with a torch that cannot be imported,
+    a mistake still ends in its one-line message and --help still works."""
+    broken = tmp_path / "broken"
+    (broken / "torch").mkdir(parents=True)
+    (broken / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken), ROOT])}
+    for flags, expected in ((["--model", "VGG16", "--wl-weight", "1", "--data_path", "d"], 2),
+                            (["--model", "VGG16"], 2), (["--help"], 0)):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == expected and "torch was imported" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == (1 if expected else 0)
+
+
+def test_a_missing_resume_checkpoint_fails_before_the_data_load(train_in_process, tmp_path, monkeypatch):
+    from swalp.data import datasets
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded before --resume was checked")
+
+    monkeypatch.setattr(datasets, "load_on_every_rank", no_data)
+    code, _, stderr = train_in_process("--data_path", train_in_process.data_path, "--model", "PreResNet20",
+                                       "--epochs", 1, "--swa_start", 1, "--dir", tmp_path / "run", "--resume",
+                                       tmp_path / "nope.pt")
+    assert code == 2 and "nope.pt does not exist" in stderr
+

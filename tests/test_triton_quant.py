@@ -13,12 +13,11 @@ import torch
 import swalp
 import train
 import triton_interpreted
-from runs import EIGHT_BIT, ROOT, assert_same_run, table_rows
-from swalp.data.fake_cifar import write_fake_cifar
+from runs import ROOT
 from swalp.errors import UserError
 from swalp.quant import backends, formats, quantizer
 from swalp.quant import noise as noise_streams
-from swalp.run import arguments, rng
+from swalp.run import rng
 from swalp.run.quantizers import choose_quantizers
 
 pytest.importorskip("triton")
@@ -47,40 +46,6 @@ def interpreted(tmp_path_factory):
 def test_under_the_interpreter(interpreted, check):
     assert check in interpreted, "the check did not run"
     assert interpreted[check]["ok"], interpreted[check]["error"]
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    """CIFAR100 with 2 training and 2 test images: one step of 2 per epoch,
-    which the interpreter runs in seconds."""
-    root = tmp_path_factory.mktemp("tiny")
-    write_fake_cifar(str(root), train_size=2, test_size=2)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "site"), os.environ.get("PYTHONPATH", "")]),
-               FAKE_CIFAR_MD5=str(root / "md5.json"), http_proxy="http://127.0.0.1:9",
-               https_proxy="http://127.0.0.1:9")
-    return root, interpreter_env(env)
-
-
-TRITON_RUN = ["--dataset", "CIFAR100", "--model", "PreResNet20", "--epochs", 2, "--swa_start", 1, "--save_freq", 1,
-              "--batch_size", 2, "--num_workers", 0, *EIGHT_BIT, "--wl-acc", 12, "--quant-backend", "triton"]
-
-
-def test_training_on_the_triton_backend_resumes_exactly(tiny_cifar, tmp_path):
-    root, env = tiny_cifar
-
-    def train_py(*args):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, TRITON_RUN),
-                                 "--data_path", root, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
-
-    first = train_py("--dir", tmp_path / "first")
-    assert "triton backend" in first.stdout and [int(row[0]) for row in table_rows(first.stdout)] == [1, 2]
-    # The second epoch (a step, BatchNorm passes, evaluations) again, from the first epoch's checkpoint
-    # written after that epoch's evaluation.
-    train_py("--dir", tmp_path / "resumed", "--resume", tmp_path / "first" / "checkpoint-1.pt")
-    assert_same_run(tmp_path / "first", tmp_path / "resumed", epochs=2)
 
 
 def test_step_noise_keys_share_the_optimizer_stream_across_ranks_only():
@@ -148,7 +113,7 @@ def test_triton_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
     from swalp.quant import triton_kernels
 
     monkeypatch.setattr(triton_kernels, "INTERPRETING", False)
-    args = arguments.parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8", "--quant-backend", "triton"])
+    args = train.parse_args(["--data_path", "d", "--model", "VGG16", "--wl-weight", "8", "--quant-backend", "triton"])
     with pytest.raises(UserError, match="^--quant-backend triton: Triton's kernels run on CUDA devices") as error:
         choose_quantizers(args, torch.device("cpu"), swalp.StepNoise(0))
     assert "\n" not in str(error.value) and str(error.value).endswith("use --quant-backend torch")

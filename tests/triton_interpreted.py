@@ -270,6 +270,7 @@ def training_is_repeatable_and_every_number_is_on_its_grid(work):
 
 
 def _rank(rank, init_file, queue):
+    torch.set_num_threads(1)  # two ranks on two cores
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     net, optimizer = tiny_training(seed=3, rank=rank, wrap=nn.parallel.DistributedDataParallel)
     probe = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -285,7 +286,7 @@ def _rank(rank, init_file, queue):
 def optimizer_rounding_is_identical_on_two_gloo_ranks(work):
     import torch.multiprocessing as mp
 
-    context = mp.get_context("spawn")
+    context = mp.get_context("fork")  # a spawned process would import torch and triton again
     queue = context.Queue()
     init_file = os.path.join(tempfile.mkdtemp(dir=work), "gloo-init")  # a stale one would hang the rendezvous
     processes = [context.Process(target=_rank, args=(rank, init_file, queue)) for rank in range(2)]
@@ -305,6 +306,50 @@ def optimizer_rounding_is_identical_on_two_gloo_ranks(work):
     # Different data and activation noise per rank, one average gradient, one optimizer noise.
     assert results[0][0] == results[1][0], "weights or momenta differ between ranks"
     assert results[0][1] != results[1][1], "activation noise should differ between ranks"
+
+
+@check
+def train_py_on_the_triton_backend_resumes_exactly(work):
+    """train.py itself in 8 bits on the triton backend: CIFAR100 with 2
+    training and 2 test images (one step of 2 per epoch, which the
+    interpreter runs in seconds), then the second epoch (a step, BatchNorm
+    passes, evaluations) again from the first epoch's checkpoint, written
+    after that epoch's evaluation."""
+    import contextlib
+    import io
+    import json as json_module
+
+    import train
+    from runs import EIGHT_BIT, assert_same_run, table_rows
+    from swalp.data.fake_cifar import write_fake_cifar
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    root = os.path.join(work, "tiny")
+    write_fake_cifar(root, train_size=2, test_size=2)
+    with open(os.path.join(root, "md5.json")) as handle:
+        sums = json_module.load(handle)
+    for cls in (CIFAR10, CIFAR100):
+        own = sums[cls.__name__]
+        cls.train_list = [[name, own[name]] for name, _ in cls.train_list]
+        cls.test_list = [[name, own[name]] for name, _ in cls.test_list]
+        cls.meta = dict(cls.meta, md5=own[cls.meta["filename"]])
+    flags = ["--dataset", "CIFAR100", "--data_path", root, "--model", "PreResNet20", "--epochs", 2, "--swa_start", 1,
+             "--save_freq", 1, "--batch_size", 2, "--num_workers", 0, *EIGHT_BIT, "--wl-acc", 12,
+             "--quant-backend", "triton"]
+
+    def train_py(*extra):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            train.main([str(flag) for flag in (*flags, *extra)])
+        return printed.getvalue()
+
+    first = os.path.join(work, "first")
+    out = train_py("--dir", first)
+    assert "triton backend" in out and [int(row[0]) for row in table_rows(out)] == [1, 2], out
+    resumed = os.path.join(work, "resumed")
+    train_py("--dir", resumed, "--resume", os.path.join(first, "checkpoint-1.pt"))
+    from pathlib import Path
+    assert_same_run(Path(first), Path(resumed), epochs=2)
 
 
 def main():

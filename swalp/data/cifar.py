@@ -25,7 +25,21 @@ def permission_denied(error, dataset):
 
 def load_cifar(dataset, data_path):
     """Train (augmented) and test sets of CIFAR10/100 under data_path/<dataset lower>,
-    downloaded there when absent, checked (labels, image shapes, classes)."""
+    downloaded there when absent, checked (labels, image shapes, classes).
+    A failed download leaves no empty folder behind."""
+    created = [path for path in (data_path, os.path.join(data_path, dataset.lower())) if not os.path.exists(path)]
+    try:
+        return _load_cifar(dataset, data_path)
+    except UserError:
+        for path in reversed(created):
+            try:
+                os.rmdir(path)  # only if still empty
+            except OSError:
+                break
+        raise
+
+
+def _load_cifar(dataset, data_path):
     dataset_class = getattr(datasets, dataset)
     root = os.path.join(data_path, dataset.lower())
     folder = os.path.join(root, dataset_class.base_folder)

@@ -4,7 +4,7 @@ are functions of (seed, epoch) alone, so that a run resumes exactly and any
 number of workers gives the same batches."""
 
 import itertools
-import signal
+import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -40,12 +40,14 @@ class SeededAugmentation(Dataset):
             return self.dataset[index]
 
 
-def ignore_stop_signals(worker_id):
-    """Loader workers ignore SIGTERM and SIGINT (a launcher or scheduler
-    signals the whole process group): the main process saves and stops, then
-    shuts them down itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def own_process_group(worker_id):
+    """Each loader worker leaves the run's process group, so that the SIGTERM
+    or SIGINT a launcher, scheduler or terminal sends to the whole group
+    reaches only the main process, which saves and stops, then shuts its
+    workers down; that shutdown's own SIGTERM to a stuck worker still works
+    (a worker ignoring SIGTERM would outlive it and hang the exit). A worker
+    whose main process is gone exits by itself (torch's watchdog)."""
+    os.setpgid(0, 0)
 
 
 class EpochSampler(DistributedSampler):
@@ -73,7 +75,7 @@ def make_loaders(train_set, test_set, batch_size, num_workers, seed, pin_memory,
     train_set = SeededAugmentation(train_set, seed)
     train_sampler = EpochSampler(train_set, num_replicas=world.size, rank=world.rank, seed=seed)
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  worker_init_fn=ignore_stop_signals if num_workers else None)
+                  worker_init_fn=own_process_group if num_workers else None)
     train_loader = DataLoader(train_set, sampler=train_sampler,
                               generator=torch.Generator().manual_seed(seed), **common)
     if not world.distributed:

@@ -1,16 +1,18 @@
 """train.py's command line: every flag, its default and its checks.
 
 It imports no torch (nor anything that does), so that a mistake on the
-command line ends in its one-line message within a fraction of a second.
+command line ends in its one-line message within a fraction of a second;
+the model names come from the caller (train.py's `models` registry).
 After `parse_args` a run's number formats exist only as format objects
 (`args.formats`, one per kind, None in full precision); `config` records
 the flags as results.json and checkpoints keep them.
 """
 
 import argparse
+import difflib
 import math
+import os
 
-import models
 from swalp.data import DATASETS
 from swalp.quant import formats, kinds, specs
 from swalp.quant.kinds import BACKENDS, NUMBER_KINDS, ROUNDINGS, unquantized
@@ -57,6 +59,32 @@ non_negative_float = number(float, lambda value: value >= 0, "0 or more")
 seed_value = number(int, lambda value: 0 <= value < 2 ** 32, "in 0..2^32-1")  # NumPy's limit
 
 
+# Loader processes beyond this many per core only thrash the machine (and a
+# few thousand take minutes to start, during which a stop request waits).
+WORKERS_PER_CORE = 4
+
+
+def machine_cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def model_name(names):
+    """An argparse type: one of `names` in any case, or an error naming the closest."""
+    by_lower = {name.lower(): name for name in names}
+
+    def parse(text):
+        if text.lower() in by_lower:
+            return by_lower[text.lower()]
+        close = difflib.get_close_matches(text.lower(), list(by_lower), n=1, cutoff=0.6)
+        hint = f"; did you mean {by_lower[close[0]]}?" if close else ""
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(sorted(names))}){hint}")
+    return parse
+
+
 class ExitTwoParser(argparse.ArgumentParser):
     """argparse already exits with code 2 on bad flags; this only makes its
     message the one-line form used for every other user error."""
@@ -65,7 +93,7 @@ class ExitTwoParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser():
+def build_parser(model_names=()):
     parser = ExitTwoParser(description="SWALP training (SGD and SWA in low precision).")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="CIFAR10", choices=DATASETS,
@@ -83,13 +111,13 @@ def build_parser():
                       help="batched: the data set held on the training device, each batch augmented with "
                            "tensor operations (CIFAR only); torchvision: per-sample PIL transforms in "
                            "--num_workers processes (default: batched; ImageNet: torchvision)")
-    data.add_argument("--num_workers", type=non_negative_int, default=4, metavar="N",
-                      help="data loading processes of --loader torchvision (default: 4; 0 loads in the "
-                           "main process)")
+    data.add_argument("--num_workers", type=non_negative_int, default=None, metavar="N",
+                      help=f"data loading processes of --loader torchvision, at most {WORKERS_PER_CORE} per core "
+                           f"(default: 4, or the machine's cores if fewer; 0 loads in the main process)")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--model", required=True, choices=sorted(models.MODELS), metavar="MODEL",
-                          help=f"model name: {', '.join(models.MODELS)}")
+    training.add_argument("--model", required=True, type=model_name(model_names) if model_names else str,
+                          metavar="MODEL", help=f"model name, in any case: {', '.join(model_names)}")
     training.add_argument("--epochs", type=positive(int), default=None, metavar="N",
                           help="number of epochs to train (default: 300; ImageNet: 90)")
     training.add_argument("--lr_init", type=positive(float), default=None, metavar="LR",
@@ -202,9 +230,11 @@ DATASET_DEFAULTS["digits"] = {"batch_size": 32, "epochs": 6, "lr_init": 0.05, "w
                               "swa_lr": 0.01, "loader": "torchvision"}
 
 
-def parse_args(argv=None):
-    """The command line, with the dataset's defaults where a flag is not given."""
-    parser = build_parser()
+def parse_args(argv=None, model_names=(), imagenet_models=()):
+    """The command line, with the dataset's defaults where a flag is not
+    given; --model is one of `model_names`, those of `imagenet_models` for
+    ImageNet and the others for CIFAR."""
+    parser = build_parser(model_names)
     args = parser.parse_args(argv)
     try:
         args.formats, args.format = kinds.per_kind(given_word_lengths(args), given_specs(args), args.format,
@@ -214,12 +244,21 @@ def parse_args(argv=None):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.dir is not None and not args.dir.strip():
+        parser.error("--dir is empty; name a run directory, or leave --dir out for "
+                     "runs/<dataset>-<model>-<precision>-seed<seed>")
+    cores = machine_cores()
+    if args.num_workers is None:
+        args.num_workers = min(4, cores)
+    elif args.num_workers > WORKERS_PER_CORE * cores:
+        parser.error(f"--num_workers {args.num_workers} is far more than this machine's {cores} cores can run; "
+                     f"use at most {WORKERS_PER_CORE * cores}")
     if args.data_path is None and args.dataset != "digits":
         parser.error(f"--dataset {args.dataset} needs --data_path")
     imagenet = args.dataset == "ImageNet"
-    if imagenet != (args.model in models.IMAGENET_MODELS):
+    if imagenet != (args.model in imagenet_models):
         parser.error(f"--model {args.model} is for {'CIFAR' if imagenet else 'ImageNet'}; use "
-                     + (", ".join(models.IMAGENET_MODELS) if imagenet else "a CIFAR model") +
+                     + (", ".join(imagenet_models) if imagenet else "a CIFAR model") +
                      f" with --dataset {args.dataset}")
     if imagenet and args.loader == "batched":
         parser.error("--loader batched needs a data set held in memory (CIFAR); use --loader torchvision "

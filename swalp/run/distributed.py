@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import swa_utils
 from torch.utils.data import Sampler
 
 from swalp.errors import UserError
@@ -115,6 +116,15 @@ class ShardSampler(Sampler):
 
     def __len__(self):
         return len(self.indices)
+
+
+def recompute_batchnorm(loader, model, device, world=World()):
+    """BatchNorm statistics from one pass over `loader`: torch's update_bn in
+    a single process, `update_bn`'s pooled sums over every rank otherwise."""
+    if world.distributed:
+        update_bn(loader, model, device, world)
+    else:
+        swa_utils.update_bn(loader, model, device)
 
 
 @torch.no_grad()

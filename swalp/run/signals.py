@@ -6,6 +6,11 @@ import signal
 import sys
 
 
+class Stopped(Exception):
+    """A stop request that came while the training loop waited for its next
+    batch: the run stands at a step boundary."""
+
+
 class StopRequest:
     """Turns SIGTERM and SIGINT into a request to save and stop at the next
     step boundary instead of dying mid-write (a context manager; true once a
@@ -14,6 +19,7 @@ class StopRequest:
     def __init__(self):
         self.signal = None
         self._previous = {}
+        self._waiting = False
 
     def __enter__(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -26,6 +32,29 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
+        if self._waiting:
+            raise Stopped
+
+    def waiting(self, batches):
+        """The items of `batches`; a signal while the next one is awaited
+        (loader workers starting, a slow disk) raises Stopped at once instead
+        of after the next step. Only for a single process: data-parallel
+        ranks must stop at the same step."""
+        self._waiting = True
+        try:
+            if self.signal is not None:
+                raise Stopped
+            iterator = iter(batches)
+            while True:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                self._waiting = False
+                yield item
+                self._waiting = True
+        finally:
+            self._waiting = False
 
     def __bool__(self):
         return self.signal is not None

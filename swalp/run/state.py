@@ -108,28 +108,13 @@ class TrainingState:
     def load_state_dict(self, checkpoint, path):
         """Continue from a checkpoint (as load_checkpoint returns it): its
         flags, then every field, checked against this run first."""
-        saved = checkpoint["config"]
-        if not isinstance(saved, dict):
-            raise UserError(f"checkpoint {path} is malformed: config must be a dict, found {type(saved).__name__}")
-        current = arguments.config(self.args)
-        for key in STATE_DEFINING:
-            value = saved.get(key)
-            if value != current[key]:
-                raise UserError(f"checkpoint {path} was written with {arguments.flag_name(key)} {value}, "
-                                f"this run has {current[key]}; resume with the same flags")
+        check_resumable(checkpoint, path, self.args, self.world)
         try:
             check_structure(
                 checkpoint, self.net.state_dict(), self.swa_model.state_dict(),
                 [param.shape for param in self.net.parameters()], self.accumulators(), new_epoch_totals())
         except Rejected as rejected:
             raise UserError(f"checkpoint {path} is malformed: {rejected}") from None
-        if checkpoint["epoch"] > self.args.epochs:
-            raise UserError(f"checkpoint {path} is after epoch {checkpoint['epoch']}, beyond --epochs "
-                            f"{self.args.epochs}; resume with --epochs {checkpoint['epoch']} or more")
-        if checkpoint["step"] and checkpoint["world_size"] != self.world.size:
-            raise UserError(f"checkpoint {path} is mid-epoch and was written by {checkpoint['world_size']} "
-                            f"process(es), this run has {self.world.size}; resume it with as many, or resume "
-                            f"from an epoch checkpoint (checkpoint-<epoch>.pt)")
         try:
             self.net.load_state_dict(checkpoint["model_state"])
             self.swa_model.load_state_dict(checkpoint["swa_state"])
@@ -151,6 +136,33 @@ class TrainingState:
         if not self.world.main:  # the saved partial sums are all ranks' already
             self.epoch_totals.update(loss_sum=0.0, correct=0, seen=0)
         self.history = list(checkpoint["history"])
+
+
+def check_resumable(checkpoint, path, args, world=distributed.World()):
+    """What a run can check of a checkpoint before it builds anything (so a
+    wrong --resume fails before the data load): the state-defining flags,
+    the position, and the process count of a mid-epoch checkpoint."""
+    saved = checkpoint["config"]
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {path} is malformed: config must be a dict, found {type(saved).__name__}")
+    current = arguments.config(args)
+    for key in STATE_DEFINING:
+        value = saved.get(key)
+        if value != current[key]:
+            raise UserError(f"checkpoint {path} was written with {arguments.flag_name(key)} {value}, "
+                            f"this run has {current[key]}; resume with the same flags")
+    try:
+        for key, minimum in (("epoch", 0), ("step", 0), ("world_size", 1)):
+            _check_count(checkpoint, key, minimum)
+    except Rejected as rejected:
+        raise UserError(f"checkpoint {path} is malformed: {rejected}") from None
+    if checkpoint["epoch"] > args.epochs:
+        raise UserError(f"checkpoint {path} is after epoch {checkpoint['epoch']}, beyond --epochs "
+                        f"{args.epochs}; resume with --epochs {checkpoint['epoch']} or more")
+    if checkpoint["step"] and checkpoint["world_size"] != world.size:
+        raise UserError(f"checkpoint {path} is mid-epoch and was written by {checkpoint['world_size']} "
+                        f"process(es), this run has {world.size}; resume it with as many, or resume "
+                        f"from an epoch checkpoint (checkpoint-<epoch>.pt)")
 
 
 # ---------------------------------------------------------------- loading
