@@ -1,13 +1,10 @@
 """SWALP: low-precision SGD with Stochastic Weight Averaging (Yang et al., 2019).
 
-Trains a network whose weights, activations, gradients, errors, momentum and
-optionally gradient accumulator are rounded to a low-precision format, with
-the SWALP learning-rate schedule; from --swa_start on its weights are
-averaged into a full-precision copy, and both are evaluated after their
-BatchNorm statistics are recomputed. The machinery is the swalp package;
-this file builds a run's parts from its flags and holds its loop.
-
-    python train.py --dataset CIFAR100 --data_path ./data --model VGG16 --wl-weight 8 ...   (see --help)
+Trains a network with low-precision weights, activations, gradients, errors
+and momentum on the SWALP schedule, averages its weights from --swa_start on
+into a full-precision copy, and evaluates both after recomputing their
+BatchNorm statistics. The machinery is the swalp package; this file builds a
+run's parts from its flags and holds its loop (see --help).
 """
 
 import sys
@@ -24,7 +21,6 @@ if __name__ == "__main__":
     parse_args()  # checks every flag before torch loads, which takes seconds: a mistake fails at once
 
 import contextlib  # noqa: E402  (the imports below wait for the check above)
-import math
 import os
 import signal
 import time
@@ -41,7 +37,7 @@ from swalp.data import batched, datasets, loaders
 from swalp.errors import UserError
 from swalp.quant import kinds
 from swalp.run import checkpoint_files, distributed, results, rng, run_directory
-from swalp.run.device import resolve_device
+from swalp.run.device import configure, resolve_device
 from swalp.run.files import WriteFailed
 from swalp.run.quantizers import choose_quantizers
 from swalp.run.signals import StopRequest, Stopped, resume_command
@@ -131,6 +127,9 @@ def train_epoch(run, stop):
     batches = utils.progress(run.train_loader, f"epoch {state.epoch + 1}/{args.epochs}", run.world)
     if isinstance(stop, StopRequest) and not run.world.distributed:
         batches = stop.waiting(batches)
+    # Loss, accuracy and the finite check stay on the device until settled:
+    # before averaging, saving or stopping, and at the epoch's end.
+    sums = utils.EpochSums(totals, run.device)
     start = time.perf_counter()
     try:
         for inputs, targets in batches:
@@ -143,29 +142,30 @@ def train_epoch(run, stop):
             inputs, targets = inputs.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
             output = run.train_net(inputs)
             loss = F.cross_entropy(output, targets)
-            loss_value = loss.item()
-            if distributed.any_across(run.world, not math.isfinite(loss_value), run.device):
-                diverged(run, totals["steps"] + 1, loss_value)
+            sums.add(loss, output, targets, totals["steps"] + 1)
             state.optimizer.zero_grad()
             loss.backward()
             state.optimizer.step()
             totals["steps"] += 1
-            totals["loss_sum"] += loss_value * inputs.size(0)
-            totals["correct"] += (output.argmax(1) == targets).sum().item()
             totals["seen"] += inputs.size(0)
             totals["time"] += time.perf_counter() - start
             start = time.perf_counter()
             if schedule.collects_after(step + 1):
+                settle(run, sums)
                 state.swa_model.update_parameters(state.net)
                 totals["collected_at"].append(step + 1)
                 run.writers.steps.add_scalar("swa/collected", int(state.swa_model.n_averaged), step + 1)
             if args.save_every_steps and totals["steps"] < run.steps_per_epoch \
                     and (step + 1) % args.save_every_steps == 0:
+                settle(run, sums)
                 save(run)
             if distributed.any_across(run.world, stop, run.device):  # at the last step too: saved before evaluating
+                settle(run, sums)
                 return False
+        settle(run, sums)
         return True
     except Stopped:  # while waiting for data, at a step boundary
+        settle(run, sums)
         return False
     finally:
         loaders.set_epoch(run.train_loader, state.epoch)
@@ -226,9 +226,14 @@ def train(run, stop):
     return None
 
 
-def diverged(run, step, loss):
-    """End the run on a NaN or infinite loss, before the weights change; the
-    checkpoints written while it was finite stay."""
+def settle(run, sums):
+    """Read the epoch's sums; end the run on a NaN or infinite loss, before
+    anything is averaged or saved after it: the checkpoints written while it
+    was finite stay."""
+    bad = sums.settle()
+    if not distributed.any_across(run.world, bad is not None, run.device):
+        return
+    step, loss = min(found for found in distributed.gather_objects(run.world, bad) if found is not None)
     saved = checkpoint_files.list_checkpoints(run.run_dir)
     if run.world.main:
         write_results(run, "diverged", diverged_at={"epoch": run.state.epoch + 1, "step": step})
@@ -273,10 +278,7 @@ def start(args, world, device, run_dir, resume_path, stale_outputs):
         checkpoint = load_checkpoint(resume_path)
         check_resumable(checkpoint, resume_path, args, world)
     rng.seed_everything(args.seed)
-    if args.deterministic:
-        rng.use_deterministic_algorithms()
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    configure(device, args.tf32, args.deterministic)
     run = build(args, device, run_dir, world)
     if world.distributed:
         # The model was initialised alike on every rank; from here each replica

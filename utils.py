@@ -22,6 +22,35 @@ def progress(loader, description, world=World()):
                 file=sys.stderr, dynamic_ncols=True)
 
 
+class EpochSums:
+    """The epoch's loss and accuracy sums and its first non-finite loss, kept
+    on the device: reading a GPU tensor makes the host wait for the GPU, so
+    `settle` reads them only where the run must know them. The sums continue
+    the totals' (a resumed epoch's) in the same order as adding on the host."""
+
+    def __init__(self, totals, device):
+        self.totals = totals
+        self.loss_sum = torch.tensor(totals["loss_sum"], dtype=torch.float64, device=device)
+        self.correct = torch.tensor(totals["correct"], dtype=torch.int64, device=device)
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0 while every loss is finite
+        self.bad_loss = torch.zeros((), device=device)
+
+    def add(self, loss, output, targets, step):
+        loss = loss.detach()
+        self.loss_sum += loss.double() * targets.size(0)
+        self.correct += (output.argmax(1) == targets).sum()
+        first = torch.isfinite(loss).logical_not_() & (self.bad_step == 0)
+        self.bad_step.masked_fill_(first, step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+
+    def settle(self):
+        """The sums into the totals; (step, loss) of the epoch's first
+        non-finite loss, or None."""
+        self.totals["loss_sum"], self.totals["correct"] = self.loss_sum.item(), int(self.correct.item())
+        step = int(self.bad_step.item())
+        return (step, self.bad_loss.item()) if step else None
+
+
 def epoch_result(totals, device, world=World()):
     """Train loss and accuracy of an epoch over all ranks."""
     loss_sum, correct, seen = sum_across(world, [totals["loss_sum"], totals["correct"], totals["seen"]], device)

@@ -6,14 +6,20 @@ on one device, each in a process of its own:
 (a) kernel launches and host syncs (`aten::_local_scalar_dense`) in one
     VGG16 training step in 8 bits (weights, activations, gradients, errors,
     momentum), counted by torch.profiler at batch --count-batch. On CUDA the
-    launches are the profiler's CUDA kernels; on the CPU, where nothing is
+    launches are the profiler's device events that are kernels, copies or
+    fills (not the `triton::` annotation ranges, which the profiler also
+    shows on the device's timeline); on the CPU, where nothing is
     launched, the innermost aten operations that are neither allocations nor
     views (one kernel each on a GPU) plus one per Triton kernel;
 (b) seconds per training step, full precision vs 8 bits, VGG16 at batch
     --batch-size on synthetic CIFAR-size data (median of --steps);
 (c) 8-bit stochastic block rounding (one exponent per index of dim 0) of a
     128x64x32x32 tensor against a plain copy of it: ms per call and GB/s
-    (bytes read and written).
+    (bytes read and written), and whether the backend's nearest rounding of
+    it is bit-identical to the torch backend's.
+
+qtorch on CUDA compiles its kernels with nvcc; without one on PATH (or in
+CUDA_HOME) its configuration is skipped at once with a note.
 
 On the CPU the triton backend runs under Triton's interpreter
 (TRITON_INTERPRET=1): its counts are exact, its times meaningless, so they
@@ -26,13 +32,14 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
 import torch
 
 from benchmarks.quantization_speed import median_seconds, synchronize, training_step
-from swalp.quant import formats, quantizer
+from swalp.quant import backends, formats, quantizer
 
 CONFIGS = ("fp", "torch", "triton", "qtorch")
 # Top-level operations that only allocate or make views: no kernel on a GPU.
@@ -57,7 +64,8 @@ def count_step(step, device):
         synchronize(device)
     events = profile.events()
     if device.type == "cuda":
-        launches = sum(event.device_type == torch.autograd.DeviceType.CUDA for event in events)
+        launches = sum(event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
+                       and not event.name.startswith("triton::") for event in events)
     else:
         launches = sum(map(would_launch, events))
     syncs = sum(event.name == "aten::_local_scalar_dense" for event in events)
@@ -88,11 +96,25 @@ def rounding_throughput(backend, noise, device, repeats):
     x = torch.randn(128, 64, 32, 32, device=device)
     moved = 2 * x.numel() * x.element_size() / 1e9
     rows = {"copy": median_seconds(lambda: x.clone(), device, repeats)}
+    matches = None
     if backend is not None:
         rounding = quantizer.TensorQuantizer(formats.BlockFormat(8), "stochastic", backend, noise)
         rows["rounding"] = median_seconds(lambda: rounding(x), device, repeats)
+        nearest = quantizer.TensorQuantizer(formats.BlockFormat(8), "nearest", backend, noise)
+        reference = quantizer.TensorQuantizer(formats.BlockFormat(8), "nearest", backends.TORCH_BACKEND)
+        matches = bool(torch.equal(nearest(x).view(torch.int32), reference(x).view(torch.int32)))
     return {f"{name}_ms": 1000 * seconds for name, seconds in rows.items()} | {
-        f"{name}_gb_per_s": moved / seconds for name, seconds in rows.items()}
+        f"{name}_gb_per_s": moved / seconds for name, seconds in rows.items()} | {"nearest_matches_torch": matches}
+
+
+def nvcc_missing(config, device):
+    """Why qtorch cannot build its CUDA kernels here, or None."""
+    if config != "qtorch" or device.type != "cuda":
+        return None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or ""
+    if shutil.which("nvcc") or os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return None
+    return "qtorch's CUDA kernels need nvcc (on PATH or in CUDA_HOME); skipped"
 
 
 def measure(config, device, batch_size, count_batch, steps, repeats):
@@ -109,6 +131,10 @@ def measure(config, device, batch_size, count_batch, steps, repeats):
 
 
 def run_config(config, device, args):
+    missing = nvcc_missing(config, device)
+    if missing:
+        print(f"{config}: {missing}", file=sys.stderr)
+        return None
     command = [sys.executable, "-m", __spec__.name, "--device", str(device), "--batch-size",
                str(args.batch_size), "--count-batch", str(args.count_batch), "--steps", str(args.steps),
                "--repeats", str(args.repeats), "--config", config]
@@ -164,7 +190,8 @@ def main():
                              for row in rows], headers="keys", floatfmt=".3f"))
     print("\n(c) 8-bit stochastic block rounding of 128x64x32x32 vs a copy")
     print(tabulate.tabulate([{key: row.get(key) for key in ("config", "rounding_ms", "rounding_gb_per_s", "copy_ms",
-                                                            "copy_gb_per_s")} for row in rows if row["config"] != "fp"],
+                                                            "copy_gb_per_s", "nearest_matches_torch")}
+                             for row in rows if row["config"] != "fp"],
                             headers="keys", floatfmt=".2f"))
 
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

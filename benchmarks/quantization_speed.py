@@ -90,7 +90,8 @@ def training_step(config, device, batch_size):
     spec = None if config == "fp" else "bfp8"
     swalp.quantize_model(net, spec, spec, backend=backend or "torch", noise=noise)
     sgd = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    optimizer = swalp.wrap_optimizer(sgd, weight=spec, grad=spec, momentum=spec, backend=backend or "torch", noise=noise)
+    optimizer = swalp.wrap_optimizer(sgd, weight=spec, grad=spec, momentum=spec, backend=backend or "torch",
+                                     noise=noise)
     inputs = torch.randn(batch_size, 3, 32, 32, device=device)
     targets = torch.randint(0, 10, (batch_size,), device=device)
 

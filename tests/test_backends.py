@@ -35,7 +35,7 @@ def test_auto_prefers_triton_on_cuda_when_it_compiles(monkeypatch):
 
     compiled = []
     monkeypatch.setattr(triton_kernels, "available", lambda device: None)
-    monkeypatch.setattr(triton_kernels, "compile_for", compiled.append)
+    monkeypatch.setattr(triton_kernels, "compile_for", lambda device, *needed: compiled.append(device))
     backend, note = backends.choose_backend("auto", torch.device("cuda"))
     assert backend.name == "triton" and backend.seedable and backend.counter_based and note is None
     assert compiled == [torch.device("cuda")]  # compiled once, up front

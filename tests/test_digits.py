@@ -47,7 +47,8 @@ def test_an_8_bit_swalp_run_on_digits_learns(tmp_path, capsys):
 def test_digits_need_no_data_path_and_have_their_own_defaults(capsys):
     args = train.parse_args(["--dataset", "digits", "--model", "PreResNet20"])
     assert args.data_path is None
-    assert {key: getattr(args, key) for key in arguments.DATASET_DEFAULTS["digits"]} == arguments.DATASET_DEFAULTS["digits"]
+    defaults = arguments.DATASET_DEFAULTS["digits"]
+    assert {key: getattr(args, key) for key in defaults} == defaults
     with pytest.raises(SystemExit) as stopped:
         train.parse_args(["--dataset", "CIFAR10", "--model", "VGG16"])
     assert stopped.value.code == 2 and "--dataset CIFAR10 needs --data_path" in capsys.readouterr().err

@@ -75,8 +75,9 @@ def test_run_names_carry_the_formats():
 
 def test_format_sets_every_kind_and_a_kinds_own_spec_wins():
     args = flags("--format", "MXFP4", "--format-grad", "bf16", "--format-momentum", "bfp6")
-    assert {kind: arguments.config(args)[f"format_{kind}"] for kind in kinds.NUMBER_KINDS} == {"weight": "mxfp4e2m1", "activate": "mxfp4e2m1", "grad": "e8m7",
-                                        "error": "mxfp4e2m1", "momentum": None, "acc": "mxfp4e2m1"}
+    specs_given = {kind: arguments.config(args)[f"format_{kind}"] for kind in kinds.NUMBER_KINDS}
+    assert specs_given == {"weight": "mxfp4e2m1", "activate": "mxfp4e2m1", "grad": "e8m7",
+                           "error": "mxfp4e2m1", "momentum": None, "acc": "mxfp4e2m1"}
     assert arguments.config(args)["wl_momentum"] == 6  # bfp6 is --wl-momentum 6: the same run
     assert vars(flags("--format-weight", "bfp8")) == vars(flags("--wl-weight", "8")) | {"format": None}
 
@@ -97,7 +98,7 @@ def test_bad_or_conflicting_formats_are_one_line_and_exit_2(extra, complaint, ca
 def test_a_backend_without_the_formats_kernel_is_refused_or_falls_back(monkeypatch):
     lean = backends.Backend("qtorch", torch_kernels.block_quantize, torch_kernels.fixed_point_quantize,
                                 torch_kernels.float_quantize, seedable=False)
-    monkeypatch.setattr(backends, "choose_backend", lambda name, device: (lean, None))
+    monkeypatch.setattr(backends, "choose_backend", lambda name, device, *needed: (lean, None))
     with pytest.raises(UserError, match="--quant-backend qtorch: the qtorch backend cannot compute mxfp8e4m3"):
         choose_quantizers(flags("--format-weight", "mxfp8", "--quant-backend", "qtorch"), torch.device("cpu"),
                                swalp.StepNoise(0))

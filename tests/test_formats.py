@@ -262,7 +262,8 @@ def test_backends_say_which_formats_they_compute():
         assert TORCH.supports(specs.parse(spec)) and not lean.supports(specs.parse(spec))
         with pytest.raises(backends.UnsupportedFormat, match=f"the lean backend cannot compute {spec}"):
             quantizer.build_quantizers({**full_precision, "weight": specs.parse(spec)}, "nearest", backend=lean)
-    quantizers = quantizer.build_quantizers({**full_precision, "weight": specs.parse("mxfp8"), "grad": formats.BlockFormat(8)}, "nearest",
+    kinds_given = {**full_precision, "weight": specs.parse("mxfp8"), "grad": formats.BlockFormat(8)}
+    quantizers = quantizer.build_quantizers(kinds_given, "nearest",
                                                backend=lean, fallback=TORCH)
     assert quantizers["weight"].backend is TORCH and quantizers["grad"].backend is lean
 

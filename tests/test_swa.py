@@ -136,7 +136,8 @@ def test_models_collected_within_an_epoch_are_averaged(cifar_in_process, tmp_pat
         train.finish_epoch(training)
     training.close_logs()
     steps = training.steps_per_epoch
-    assert [record["collected_at_steps"] for record in training.state.history] == [[], list(range(steps + 1, 2 * steps + 1))]
+    assert [record["collected_at_steps"] for record in training.state.history] == [
+        [], list(range(steps + 1, 2 * steps + 1))]
     assert int(training.state.swa_model.n_averaged) == len(collected) == steps
     for index, averaged in enumerate(training.state.swa_model.module.parameters()):
         mean = torch.stack([weights[index] for weights in collected]).double().mean(0)

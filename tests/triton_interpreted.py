@@ -352,6 +352,25 @@ def train_py_on_the_triton_backend_resumes_exactly(work):
     assert_same_run(Path(first), Path(resumed), epochs=2)
 
 
+@check
+def gpu_checks_interpreted_half_rounds_onto_the_grid_alike_batched_or_not(work):
+    """benchmarks/gpu_check.py compares these bits with the GPU's: each is on
+    its format's grid, and the batched rounding of the same elements (the
+    same positions, so the same noise) equals the one-tensor rounding."""
+    from benchmarks import gpu_check
+    from swalp.quant import specs
+
+    bits = gpu_check.stochastic_bits(torch.device("cpu"))
+    assert len(bits) == 18
+    for name, rounded in bits.items():
+        number_format = specs.parse(name.split("/")[0])
+        finite = rounded.isfinite()
+        again = number_format.quantize(rounded, "nearest", backends.TORCH_BACKEND)
+        assert torch.equal(again[finite], rounded[finite]), name
+        if name.endswith("/batched"):
+            assert gpu_check.same_bits(rounded, bits[name[:-len("/batched")]]) == 0, name
+
+
 def main():
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     work = sys.argv[1]

@@ -100,26 +100,39 @@ def augment(images, top, left, flip, augmentation):
     device = images.device
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     padded_height, padded_width = height + 2 * pad, width + 2 * pad
+    # One copy to the device for the batch's offsets and flips; the indices of
+    # the flipped images are found on the host, where `flip` was drawn (a
+    # boolean mask on a GPU would make the host wait for it every batch).
+    offsets = to_device(torch.cat([top, left, flip.nonzero().squeeze(1)]), device)
+    top, left, flipped = offsets.split([batch, batch, offsets.numel() - 2 * batch])
     # Every output row is a run of `width` bytes of the padded batch: copying
     # whole rows (index_select over a view of all windows of the flat batch)
     # is several times faster on the CPU than gathering pixel by pixel.
     row_starts = ((torch.arange(batch, device=device) * channels * padded_height * padded_width
-                   + left.to(device))[:, None, None]
+                   + left)[:, None, None]
                   + (torch.arange(channels, device=device) * padded_height * padded_width)[None, :, None]
-                  + ((top.to(device)[:, None] + torch.arange(height, device=device)) * padded_width)[:, None, :])
+                  + ((top[:, None] + torch.arange(height, device=device)) * padded_width)[:, None, :])
     windows = padded.view(-1).unfold(0, width, 1)
     cropped = windows.index_select(0, row_starts.view(-1)).view(batch, channels, height, width)
-    # Indices of the flipped images, found on the host where `flip` was
-    # drawn: a boolean mask on a GPU would make it wait for the GPU each batch.
-    flipped = flip.nonzero().squeeze(1).to(device)
     cropped[flipped] = cropped[flipped].flip(3)
     return normalise(cropped, augmentation)
 
 
+def to_device(tensor, device):
+    """A host tensor copied to `device` without making the host wait (from
+    pinned memory on CUDA)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def normalise(images, augmentation):
     """uint8 images as float32, / 255 and normalised as ToTensor and
-    Normalize compute it."""
-    images = images.float().div(255)
+    Normalize compute it. The division is by a tensor: CUDA divides by a
+    Python number as a multiplication by its reciprocal, which differs from
+    the correctly rounded quotient ToTensor computes for 126 of the 256 byte
+    values."""
+    images = images.float().div_(per_channel((255.0,) * images.shape[1], images.device))
     if augmentation.mean is None:
         return images
     return images.sub_(per_channel(augmentation.mean, images.device)).div_(per_channel(augmentation.std,

@@ -79,10 +79,11 @@ def load_qtorch_backend():
     return Backend("qtorch", block, fixed, floating, seedable=False)
 
 
-def load_triton_backend(device):
+def load_triton_backend(device, number_formats=(), rounding="nearest"):
     """Our Triton kernels (triton_kernels), imported only when chosen and
-    compiled here for `device` once, so that a backend that cannot run fails
-    now with one line rather than in the middle of a step."""
+    compiled here for `device`, every kernel family and mode the run's
+    `number_formats` need with `rounding`, so that a backend that cannot run
+    fails now with one line rather than in the middle of a step."""
     try:
         from swalp.quant import triton_kernels
     except Exception as error:  # triton missing, or broken beyond import
@@ -90,41 +91,45 @@ def load_triton_backend(device):
     reason = triton_kernels.available(device)
     if reason:
         raise BackendUnavailable(reason)
+    backend = Backend("triton", triton_kernels.block_quantize, triton_kernels.fixed_point_quantize,
+                      triton_kernels.float_quantize, seedable=True, counter_based=True, block_sizes=False,
+                      round_many=triton_kernels.round_many)
     try:
-        triton_kernels.compile_for(device)
+        triton_kernels.compile_for(device, backend, [f for f in number_formats if backend.supports(f)], rounding)
     except Exception as error:  # a compiler or driver failure can raise anything
         raise BackendUnavailable(f"Triton's kernels failed to compile ({first_line(error)})") from None
-    return Backend("triton", triton_kernels.block_quantize, triton_kernels.fixed_point_quantize,
-                   triton_kernels.float_quantize, seedable=True, counter_based=True, block_sizes=False,
-                   round_many=triton_kernels.round_many)
+    return backend
 
 
-def choose_backend(name, device):
+def choose_backend(name, device, number_formats=(), rounding="nearest"):
     """The backend for `--quant-backend name` on `device`, and a note to print
-    (or None). auto: our Triton kernels on a CUDA device when they compile,
-    the torch backend otherwise."""
+    (or None). auto: our Triton kernels on a CUDA device when every kernel
+    `number_formats` need with `rounding` compiles and runs there, the torch
+    backend otherwise."""
     if name == "torch":
         return TORCH_BACKEND, None
     if name == "qtorch":
         return load_qtorch_backend(), None
     if name == "triton":
-        return load_triton_backend(device), None
+        return load_triton_backend(device, number_formats, rounding), None
     if name != "auto":
         raise ValueError(f"unknown backend {name!r}")
     if device.type != "cuda":
         return TORCH_BACKEND, None
     try:
-        return load_triton_backend(device), None
+        return load_triton_backend(device, number_formats, rounding), None
     except BackendUnavailable as error:
         return TORCH_BACKEND, f"the triton backend is unavailable ({error}); using the torch backend"
 
 
-def select_backend(name: str = "auto", device="cpu") -> Backend:
+def select_backend(name: str = "auto", device="cpu", number_formats=(), rounding: str = "nearest") -> Backend:
     """The rounding kernels `name` picks on `device`: auto (our Triton
     kernels on a CUDA device when they compile, else torch), torch, triton
     or qtorch. Raises BackendUnavailable (one line) when they cannot run.
+    Give the formats and rounding to be used: the triton backend compiles and
+    runs each of their kernels now, not in the middle of training.
 
     >>> select_backend("auto", "cpu").name
     'torch'
     """
-    return choose_backend(name, torch.device(device))[0]
+    return choose_backend(name, torch.device(device), number_formats, rounding)[0]

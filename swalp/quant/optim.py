@@ -84,7 +84,8 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, *, weight=None, grad=None, 
     """
     noise = noise if noise is not None else StepNoise(seed=0)
     parameter = next((p for group in optimizer.param_groups for p in group["params"]), None)
-    chosen_backend = backend_for(backend, parameter.device if parameter is not None else "cpu")
+    chosen_backend = backend_for(backend, parameter.device if parameter is not None else "cpu",
+                                 (weight, grad, momentum, acc), rounding)
     fallback = TORCH_BACKEND if backend == "auto" else None
     quantizers = {f"{kind}_quant": as_quantizer(value, rounding, chosen_backend, noise, fallback, optimizer=True)
                   for kind, value in (("weight", weight), ("grad", grad), ("momentum", momentum), ("acc", acc))}

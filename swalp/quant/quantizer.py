@@ -161,16 +161,20 @@ def as_quantizer(value, rounding, backend, noise, fallback=None, optimizer=False
     return TensorQuantizer(number_format, rounding, chosen, noise if keyed else None)
 
 
-def backend_for(backend, device):
+def backend_for(backend, device, values=(), rounding="nearest"):
     """A function returning the Backend `backend` names (a Backend, or auto,
-    torch, triton, qtorch) for `device`, chosen on first call."""
+    torch, triton, qtorch) for `device`, chosen on first call with the
+    formats among `values` (specs or formats) that it will round."""
     if isinstance(backend, Backend):
         return backend
     chosen = []
 
     def load():
         if not chosen:
-            chosen.append(choose_backend(backend, torch.device(device))[0])
+            needed = [specs.parse(value) if isinstance(value, str) else value for value in values
+                      if value is not None and not callable(value)]
+            formats = [number_format for number_format in needed if number_format is not None]
+            chosen.append(choose_backend(backend, torch.device(device), formats, rounding)[0])
         return chosen[0]
 
     return load
@@ -233,7 +237,8 @@ def quantize_model(model: nn.Module, activate=None, error=None, *,
     if activate is None and error is None:
         return []
     parameter = next(model.parameters(), None)
-    chosen_backend = backend_for(backend, parameter.device if parameter is not None else "cpu")
+    chosen_backend = backend_for(backend, parameter.device if parameter is not None else "cpu", (activate, error),
+                                 rounding)
     fallback = TORCH_BACKEND if backend == "auto" else None
     activation_quant = as_quantizer(activate, rounding, chosen_backend, noise, fallback)
     error_quant = as_quantizer(error, rounding, chosen_backend, noise, fallback)

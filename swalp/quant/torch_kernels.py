@@ -165,12 +165,14 @@ def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stoch
     if wl - fl > 128 or fl > 126:
         raise ValueError(f"fixed point range and step must be normal float32 numbers "
                          f"(wl - fl <= 128, fl <= 126), got wl {wl}, fl {fl}")
-    scaled = torch.ldexp(x, torch.tensor(fl, dtype=torch.int32, device=x.device))
+    # Powers of two as Python numbers (exact in float32 here): an exponent
+    # tensor would be copied to a GPU, and waited for, at every call.
+    scaled = x * 2.0 ** fl
     # qtorch computes nearbyint((float)(a + r) - 0.5) with a double 0.5 and
     # r = 0.5 for nearest, r uniform in [0, 1) for stochastic.
     offset = 0.5 if rounding == "nearest" else torch.rand(x.shape, device=x.device, generator=generator)
     rounded = torch.round((scaled + offset).double() - 0.5).float()
-    out = torch.ldexp(rounded, torch.tensor(-fl, dtype=torch.int32, device=x.device))
+    out = rounded * 2.0 ** -fl
     if clamp:
         step = 2.0 ** -fl
         t_min = -(2.0 ** (wl - fl - 1))

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 
 from swalp.quant import torch_kernels
+from swalp.quant.formats import BlockFormat
+from swalp.quant.noise import NoiseKey
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program. The interpreter pays per program, a GPU per idle lane.
@@ -53,10 +55,18 @@ def available(device):
     return f"Triton's kernels run on CUDA devices (or on the CPU with TRITON_INTERPRET=1), not on {device.type}"
 
 
-def compile_for(device):
-    """Compile (or load from Triton's cache) and run the block kernels on
-    `device` once; raises whatever the compiler or driver raises."""
-    block_quantize(torch.ones(2, device=device), 8, 0, "nearest")
+def compile_for(device, backend, number_formats=(), rounding="nearest"):
+    """Compile (or load from Triton's cache) and run, on `device`, every
+    kernel family and mode that rounding `number_formats` (formats `backend`,
+    these kernels, computes; default 8-bit block floating point) with
+    `rounding` launches: one tensor at a time and batched, so that a compiler
+    or driver failure shows now, not in the middle of a run. Raises whatever
+    they raise."""
+    key = NoiseKey(0, 0, 0, 0) if rounding == "stochastic" else None
+    tensors = [torch.ones(4, 4, device=device), torch.ones(3, device=device)]
+    for number_format in number_formats or [BlockFormat(8)]:
+        number_format.quantize(tensors[0], rounding, backend, key)
+        round_many(tensors, number_format, rounding, key)
 
 
 @triton.jit
@@ -84,7 +94,13 @@ def _block_index(offsets, block_map, inner, blocks, MAPPED: tl.constexpr, mask):
     return (offsets // inner) % blocks
 
 
-@triton.jit
+# Integer arguments that change from call to call (sizes, the noise key's
+# words) are not specialized on: Triton would otherwise compile a kernel anew
+# for each value equal to 1 or divisible by 16.
+VARYING = ("n", "inner", "blocks", "seed", "identity", "step", "domain")
+
+
+@triton.jit(do_not_specialize=VARYING[:3])
 def _block_peak_kernel(x, peaks, block_map, n, inner, blocks, MAPPED: tl.constexpr, TILE: tl.constexpr):
     """peaks[b] = max over block b of |x| as int32 bits (NaN above inf above
     every finite magnitude, as torch's amax propagates NaN)."""
@@ -101,7 +117,7 @@ def _block_peak_kernel(x, peaks, block_map, n, inner, blocks, MAPPED: tl.constex
         tl.atomic_max(peaks + block, magnitude, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING)
 def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, seed, identity, step, domain,
                         DROP: tl.constexpr, LARGEST_MANTISSA: tl.constexpr, STOCHASTIC: tl.constexpr,
                         MAPPED: tl.constexpr, TILE: tl.constexpr):
@@ -123,7 +139,7 @@ def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, seed, identi
     tl.store(out + offsets, clipped.to(tl.float32, bitcast=True), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n", *VARYING[3:]))
 def _fixed_kernel(x, out, n, scale, unscale, low, high, seed, identity, step, domain,
                   STOCHASTIC: tl.constexpr, CLAMP: tl.constexpr, TILE: tl.constexpr):
     """torch_kernels.fixed_point_quantize: qtorch's nearbyint((float)(a + r) - 0.5)
@@ -150,7 +166,7 @@ def _fixed_kernel(x, out, n, scale, unscale, low, high, seed, identity, step, do
     tl.store(out + offsets, result, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n", *VARYING[3:]))
 def _float_kernel(x, out, n, seed, identity, step, domain, MIN_EXPONENT: tl.constexpr,
                   MAX_FIELD: tl.constexpr, LARGEST_MANTISSA: tl.constexpr, DROP: tl.constexpr,
                   STOCHASTIC: tl.constexpr, TILE: tl.constexpr):
@@ -318,3 +334,4 @@ def round_many(tensors, number_format, rounding, key=None, out=None):
     targets = tensors if out is None else out
     pieces = flat.split([tensor.numel() for tensor in tensors])
     torch._foreach_copy_(targets, [piece.view(tensor.shape) for piece, tensor in zip(pieces, targets)])
+

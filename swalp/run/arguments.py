@@ -132,7 +132,14 @@ def build_parser(model_names=()):
                           help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
     training.add_argument("--deterministic", action="store_true",
                           help="CUDA: deterministic algorithms only and no cuDNN autotuning, so that a run "
-                               "with the triton or torch backend repeats bit for bit (slower; see README)")
+                               "with the triton or torch backend repeats bit for bit (slower; see docs/backends.md)")
+    training.add_argument("--tf32", action="store_true",
+                          help="CUDA: convolutions and matrix products round their float32 operands to TF32 "
+                               "(10 mantissa bits) on tensor cores: faster, and exact only where every operand "
+                               "lies on a grid of at most 11 significant bits, such as 8-bit block floating point "
+                               "(bfp<wl> up to wl 12), FP8, MX and bf16 values; the input images and any kind in "
+                               "full precision do not, so the first layer and full-precision runs change. "
+                               "Off: IEEE float32, the paper's arithmetic (default: off)")
 
     averaging = parser.add_argument_group("stochastic weight averaging")
     averaging.add_argument("--swa_start", type=positive(int), default=None, metavar="N",

@@ -15,7 +15,8 @@ def choose_quantizers(args, device, noise, world=World()):
     if all(number_format is None for number_format in args.formats.values()):
         return dict.fromkeys(kinds.NUMBER_KINDS), None
     try:
-        backend, note = backends.choose_backend(args.quant_backend, device)
+        backend, note = backends.choose_backend(args.quant_backend, device,
+                                               [f for f in args.formats.values() if f is not None], args.rounding)
     except backends.BackendUnavailable as error:
         if args.quant_backend != "qtorch":
             raise UserError(f"--quant-backend {args.quant_backend}: {error}; use --quant-backend torch") from None

@@ -16,9 +16,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
+def _cuda(device):
+    """The CUDA device whose generator a run on `device` draws from."""
+    return device if device is not None and device.type == "cuda" else torch.cuda.current_device()
+
+
+def rng_state(device=None):
     """Every random generator the run draws from, as tensors and plain values
-    (so checkpoints load with torch.load(weights_only=True))."""
+    (so checkpoints load with torch.load(weights_only=True)): the CUDA one of
+    the training `device` (not merely the current device)."""
     numpy_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -26,18 +32,18 @@ def rng_state():
                   *numpy_state[2:]],
         "torch": torch.get_rng_state(),
         # This process's device only: a resumed run may see fewer GPUs.
-        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(_cuda(device))] if torch.cuda.is_available() else [],
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=None):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"][0])
+        torch.cuda.set_rng_state(state["cuda"][0], _cuda(device))
 
 
 def use_deterministic_algorithms():

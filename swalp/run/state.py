@@ -36,7 +36,7 @@ NUMERIC_PARTS = ("model_state", "swa_state", "optimizer_state", "weight_acc")
 # the randomness, the data order or the schedule it continues.
 STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum", "wd", "swa_start", "swa_lr",
                   "swa_c_epochs", "swa_c_steps", "swa_schedule", "swa_lr_max", "swa_cycle_steps", "rounding",
-                  "small_block", "block_dim", "quant_placement", "loader") + tuple(
+                  "small_block", "block_dim", "quant_placement", "loader", "tf32") + tuple(
     f"{flag}_{kind}" for flag in ("wl", "format") for kind in NUMBER_KINDS)
 
 
@@ -100,7 +100,7 @@ class TrainingState:
             optimizer_state=optimizer.optim.state_dict(),
             weight_acc=self.accumulators(),
             noise_step=optimizer.noise.step,
-            rng=distributed.gather_objects(world, rng.rng_state()),
+            rng=distributed.gather_objects(world, rng.rng_state(self.device)),
             loader_generator=self.train_loader.generator.get_state(),
             history=self.history,
         )
@@ -129,7 +129,8 @@ class TrainingState:
         self.optimizer.noise.seek(checkpoint["noise_step"])
         # The same process count continues exactly; another one takes rank 0's generators.
         generators = checkpoint["rng"]
-        rng.set_rng_state(generators[self.world.rank] if len(generators) == self.world.size else generators[0])
+        rng.set_rng_state(generators[self.world.rank] if len(generators) == self.world.size else generators[0],
+                          self.device)
         self.train_loader.generator.set_state(checkpoint["loader_generator"])
         self.epoch = checkpoint["epoch"]
         self.epoch_totals = dict(checkpoint["epoch_totals"])
@@ -146,8 +147,9 @@ def check_resumable(checkpoint, path, args, world=distributed.World()):
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {path} is malformed: config must be a dict, found {type(saved).__name__}")
     current = arguments.config(args)
+    parser = arguments.build_parser()
     for key in STATE_DEFINING:
-        value = saved.get(key)
+        value = saved.get(key, parser.get_default(key))  # a flag newer than the checkpoint: its default
         if value != current[key]:
             raise UserError(f"checkpoint {path} was written with {arguments.flag_name(key)} {value}, "
                             f"this run has {current[key]}; resume with the same flags")
