@@ -47,15 +47,17 @@ class SWASchedule:
     each cycle of `cycle_steps` iterations it falls linearly from lr_max
     towards swa_lr, reaching swa_lr at the cycle's last iteration.
 
-    Averaging: every `c_steps` steps of the SWA phase when set (by default
-    at each cycle's end for the cyclical rate), otherwise after every
+    Averaging: every `c_steps` steps of the averaging phase when set (by
+    default at each cycle's end for the cyclical rate), otherwise after every
     `c_epochs`-th epoch from the one completing swa_start epochs on (the
-    original's convention).
+    original's convention). The averaging phase starts with the SWA phase, or
+    after `average_start` epochs when given (an EMA from epoch 0, say).
     """
 
     def __init__(self, lr_init, swa_start, swa_lr, steps_per_epoch, cyclic=False, lr_max=None,
-                 cycle_steps=0, c_epochs=1, c_steps=0):
+                 cycle_steps=0, c_epochs=1, c_steps=0, average_start=None):
         self.lr_init, self.swa_start, self.swa_lr = lr_init, swa_start, swa_lr
+        self.average_start = swa_start if average_start is None else average_start
         self.steps_per_epoch = steps_per_epoch
         self.cyclic = cyclic
         self.lr_max = lr_init if lr_max is None else lr_max
@@ -81,8 +83,18 @@ class SWASchedule:
 
     def collects_after(self, completed):
         if self.c_steps:
-            phase_steps = completed - self.start_step
+            phase_steps = completed - self.average_start * self.steps_per_epoch
             return phase_steps > 0 and phase_steps % self.c_steps == 0
         if completed % self.steps_per_epoch:
             return False
         return is_collection_epoch(completed // self.steps_per_epoch - 1, self.swa_start, self.c_epochs)
+
+
+def schedule_for(args, steps_per_epoch):
+    """The schedule train.py's flags describe: with --average ema, an update
+    after every step from --ema_start (default --swa_start) on."""
+    ema = args.average == "ema"
+    return SWASchedule(args.lr_init, args.swa_start, args.swa_lr, steps_per_epoch,
+                       cyclic=args.swa_schedule == "cyclic", lr_max=args.swa_lr_max, cycle_steps=args.swa_cycle_steps,
+                       c_epochs=args.swa_c_epochs, c_steps=1 if ema else args.swa_c_steps,
+                       average_start=args.ema_start if ema else None)

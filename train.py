@@ -28,14 +28,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 
 import swa
 import swalp
 import utils
 from swalp.data import batched, datasets, loaders
 from swalp.errors import UserError
-from swalp.quant import kinds
+from swalp.quant import kinds, layers
 from swalp.run import checkpoint_files, distributed, results, rng, run_directory
 from swalp.run.device import configure, resolve_device
 from swalp.run.files import WriteFailed
@@ -88,31 +87,34 @@ def build(args, device, run_dir, world=distributed.World()):
         data = loaders.make_loaders(train_set, test_set, args.batch_size, args.num_workers, args.seed,
                                     device.type == "cuda", world)
     net = models.build_model(args.model, num_classes).to(device)
-    swa_model = AveragedModel(net)  # copied before quantizers are attached: evaluated in full precision
+    layers.check_rules(net, args.layer_rules)
+    swa_model = utils.averaged_model(net, args.average, args.ema_decay)  # before quantizers: full precision
     # The optimizer's rounding noise depends only on (seed, step): identical
     # across data-parallel replicas and restored exactly on resume.
     noise = swalp.StepNoise(args.seed, rank=world.rank)
-    quantizers, backend = choose_quantizers(args, device, noise, world)
-    format_lines = [f"{kind:10}: {quantizers[kind] or kinds.unquantized(kind)}" for kind in kinds.NUMBER_KINDS]
+    rounding = choose_quantizers(args, device, noise, world)
+    q = rounding.quantizers
+    format_lines = utils.format_lines(q, args.optimizer, args.layer_format or [], args.compile)
     print("\n".join(format_lines))
-    sites = swalp.quantize_model(net, quantizers["activate"], quantizers["error"],
-                                 sites=net.quantizer_sites(args.quant_placement), noise=noise)
+    lowp = dict(rules=args.layer_rules, rounding=args.rounding, fallback=rounding.fallback, noise=noise)
+    sites = swalp.quantize_model(net, q["activate"], q["error"], sites=net.quantizer_sites(args.quant_placement),
+                                 backend=rounding.backend or "torch", **lowp)
     print(f"Model {args.model}: {len(sites)} activation quantizers ({args.quant_placement} placement), "
           f"device {device}, run directory {run_dir}")
-    sgd = torch.optim.SGD(net.parameters(), lr=args.lr_init, momentum=args.momentum, weight_decay=args.wd)
-    optimizer = swalp.wrap_optimizer(sgd, weight=quantizers["weight"], grad=quantizers["grad"],
-                                     momentum=quantizers["momentum"], acc=quantizers["acc"], noise=noise)
+    optimizer = swalp.wrap_optimizer(utils.base_optimizer(args, net.parameters()), model=net,
+                                     **{kind: q[kind] for kind in kinds.OPTIMIZER_KINDS},
+                                     backend=rounding.optimizer_backend or "torch", compiler=args.compile_backend,
+                                     **lowp)
+    if args.compile:  # in place: parameter names and state_dict keys stay the plain network's
+        net.compile(backend=args.compile_backend, dynamic=False)
     # Gradients are averaged across replicas before the optimizer rounds them
     # with noise shared by all ranks, so the replicas stay bit-identical.
     train_net = net if not world.distributed else torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = len(data[0])
-    schedule = swa.SWASchedule(args.lr_init, args.swa_start, args.swa_lr, steps_per_epoch,
-                               cyclic=args.swa_schedule == "cyclic", lr_max=args.swa_lr_max,
-                               cycle_steps=args.swa_cycle_steps, c_epochs=args.swa_c_epochs, c_steps=args.swa_c_steps)
     state = TrainingState(args, net, swa_model, optimizer, data[0], device, world)
-    return Run(args, device, world, run_dir, state, train_net, *data, steps_per_epoch, schedule, backend, len(sites),
-               format_lines)
+    return Run(args, device, world, run_dir, state, train_net, *data, steps_per_epoch,
+               swa.schedule_for(args, steps_per_epoch), rounding.backend, len(sites), format_lines)
 
 
 def train_epoch(run, stop):
@@ -153,8 +155,9 @@ def train_epoch(run, stop):
             if schedule.collects_after(step + 1):
                 settle(run, sums)
                 state.swa_model.update_parameters(state.net)
-                totals["collected_at"].append(step + 1)
-                run.writers.steps.add_scalar("swa/collected", int(state.swa_model.n_averaged), step + 1)
+                if args.average == "swa":  # an EMA updates every step: its steps go unlisted
+                    totals["collected_at"].append(step + 1)
+                    run.writers.steps.add_scalar("swa/collected", int(state.swa_model.n_averaged), step + 1)
             if args.save_every_steps and totals["steps"] < run.steps_per_epoch \
                     and (step + 1) % args.save_every_steps == 0:
                 settle(run, sums)
@@ -186,16 +189,12 @@ def finish_epoch(run):
         if state.swa_model.n_averaged > 0:
             distributed.recompute_batchnorm(run.bn_loader, state.swa_model, run.device, world)
             swa_res = utils.evaluate(run.test_loader, state.swa_model, run.device, "swa test", world)
-    swa_n, collected_at = int(state.swa_model.n_averaged), list(state.epoch_totals["collected_at"])
-    record = {"epoch": completed, "lr": lr, "train_loss": train_res["loss"], "train_accuracy": train_res["accuracy"],
-              "train_time": train_res["time"], "test_loss": test_res["loss"], "test_accuracy": test_res["accuracy"],
-              "swa_test_loss": swa_res["loss"], "swa_test_accuracy": swa_res["accuracy"], "swa_n": swa_n,
-              "collected": bool(collected_at), "collected_at_steps": collected_at, "test_samples": test_res.get("seen")}
+    collected_at = list(state.epoch_totals["collected_at"])
+    record = utils.epoch_record(completed, lr, train_res, test_res, swa_res, int(state.swa_model.n_averaged),
+                                collected_at)
     state.history.append(record)
     state.epoch, state.epoch_totals = completed, new_epoch_totals()
-    print(utils.table_row([completed, lr, train_res["loss"], train_res["accuracy"], train_res["time"],
-                           test_res["loss"], test_res["accuracy"], swa_res["loss"], swa_res["accuracy"], swa_n],
-                          epoch, header=run.rows_printed == 0), flush=True)
+    utils.print_row(record, header=run.rows_printed == 0)
     run.rows_printed += 1
     if run.schedule.c_steps and collected_at:
         print(f"     averaged after steps {', '.join(map(str, collected_at))}", flush=True)
@@ -318,7 +317,8 @@ def run_training(args, world):
     if args.swa_start > args.epochs:
         raise UserError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}; lower it or train longer")
     device = resolve_device(args.device)
-    name = f"{args.dataset}-{args.model}-{kinds.precision_tag(args.formats)}-seed{args.seed}"
+    tags = (f"-{layers.tag(args.layer_rules)}" if args.layer_rules else "") + ("-compiled" if args.compile else "")
+    name = f"{args.dataset}-{args.model}-{kinds.precision_tag(args.formats)}{tags}-seed{args.seed}"
     directory, run_dir, resume_path, stale_outputs = run_directory.claim_on_rank_zero(args, name, world)
     with directory or contextlib.nullcontext():  # releases the lock; a failed start leaves no empty folder
         run = start(args, world, device, run_dir, resume_path, stale_outputs)
@@ -333,7 +333,7 @@ def main(argv=None):
     if not world.main:  # rank 0 alone prints, logs and writes
         sys.stdout = open(os.devnull, "w")
     try:
-        run_training(args, world)
+        utils.list_layers(args) if args.list_layers else run_training(args, world)
     except UserError as error:
         if world.main:  # every rank raises it; one line is enough
             print(f"error: {error}", file=sys.stderr)

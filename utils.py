@@ -1,5 +1,6 @@
-"""train.py's helpers: the progress bar, evaluation, the per-epoch table,
-TensorBoard's writers and scalars, and the closing figures."""
+"""train.py's helpers: the average, the progress bar, evaluation, the
+per-epoch table and record, the layer listing, TensorBoard's writers and
+scalars, and the closing figures."""
 
 import os
 import sys
@@ -8,12 +9,42 @@ from typing import NamedTuple
 import tabulate
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+import models
+from swalp.data import CLASSES
+from swalp.quant.kinds import OPTIMIZER_KINDS, shown, unquantized
+from swalp.quant.layers import check_rules, formats_for, layer_names
 from swalp.run.distributed import World, sum_across
 
 TABLE_COLUMNS = ["ep", "lr", "tr_loss", "tr_acc", "tr_time", "te_loss", "te_acc", "swa_te_loss", "swa_te", "swa_n"]
 HEADER_EVERY = 40
+
+
+def averaged_model(net, average, ema_decay):
+    """torch's AveragedModel of the plain network (taken before quantizers
+    are attached, so it is evaluated in full precision, and always kept in
+    float32): the equal-weight mean (SWA), or an exponential moving average."""
+    if average == "ema":
+        return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+    return AveragedModel(net)
+
+
+def format_lines(quantizers, optimizer, rules, compiled):
+    """The startup lines that say how each kind is rounded."""
+    lines = [f"{kind:10}: {quantizers[kind] or unquantized(kind)}" for kind in shown(optimizer)]
+    lines += [f"layer rule: {rule}" for rule in rules]
+    return lines + (["compiled  : torch.compile (counter-based noise)"] if compiled else [])
+
+
+def base_optimizer(args, params):
+    """The optimizer the low-precision wrapper rounds around: SGD with
+    momentum, or AdamW (its weight decay decoupled from the gradient)."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr_init, betas=(args.beta1, args.beta2), eps=args.eps,
+                                 weight_decay=args.wd)
+    return torch.optim.SGD(params, lr=args.lr_init, momentum=args.momentum, weight_decay=args.wd)
 
 
 def progress(loader, description, world=World()):
@@ -70,6 +101,41 @@ def evaluate(loader, model, device, description="eval", world=World()):
         seen += inputs.size(0)
     loss_sum, correct, seen = sum_across(world, [loss_sum, correct, seen], device)
     return {"loss": loss_sum / seen, "accuracy": 100.0 * correct / seen, "seen": int(seen)}
+
+
+def epoch_record(epoch, lr, train_res, test_res, swa_res, swa_n, collected_at):
+    """One epoch's entry of results.json and the checkpoints' history."""
+    return {"epoch": epoch, "lr": lr, "train_loss": train_res["loss"], "train_accuracy": train_res["accuracy"],
+            "train_time": train_res["time"], "test_loss": test_res["loss"], "test_accuracy": test_res["accuracy"],
+            "swa_test_loss": swa_res["loss"], "swa_test_accuracy": swa_res["accuracy"], "swa_n": swa_n,
+            "collected": bool(collected_at), "collected_at_steps": collected_at, "test_samples": test_res.get("seen")}
+
+
+def print_row(record, header):
+    """The record's line of the per-epoch table."""
+    print(table_row([record[key] for key in ("epoch", "lr", "train_loss", "train_accuracy", "train_time", "test_loss",
+                                             "test_accuracy", "swa_test_loss", "swa_test_accuracy", "swa_n")],
+                    record["epoch"] - 1, header=header), flush=True)
+
+
+def list_layers(args):
+    """--list-layers: each layer and quantizer site of the run's model (its
+    site number, which keys its noise), and the formats it would get."""
+    net = models.build_model(args.model, CLASSES[args.dataset])
+    check_rules(net, args.layer_rules)
+    formats, rules = args.formats, args.layer_rules
+    site_index = {id(module): index for index, module in enumerate(net.quantizer_sites(args.quant_placement))}
+    layers, rows, columns = layer_names(net), [], shown(args.optimizer)
+    for name, module in net.named_modules():
+        if name and (name in layers or id(module) in site_index):
+            chosen = formats_for(name, formats, rules, layers)
+            kinds = OPTIMIZER_KINDS if any(True for _ in module.parameters(recurse=False)) else ()
+            if id(module) in site_index:
+                kinds = [kind for kind in columns if kind in kinds or kind in ("activate", "error")]
+            rows.append([name, type(module).__name__, site_index.get(id(module), ""),
+                         *[(chosen[kind].spec if chosen[kind] else "fp32") if kind in kinds else ""
+                           for kind in columns]])
+    print(tabulate.tabulate(rows, ["layer", "type", "site", *columns], tablefmt="simple"))
 
 
 def table_row(values, epoch, header=False):

@@ -15,6 +15,9 @@ timeout keeps what finished (about 5 minutes in all on one GPU):
                 --deterministic, bit-compared; 2 epochs == 1 epoch + --resume auto
   speed         launches, FP vs 8-bit VGG16 step, rounding vs copy per backend
                 (benchmarks.backends), against the targets
+  compiled      --compile's rounding (Inductor's Triton kernels) == the triton
+                backend's bits, stochastic, and == eager torch, nearest; its
+                VGG16 step and rounding times (benchmarks.compiled)
 
     python -m benchmarks.gpu_check [--sections NAME ...] [--json PATH]
 """
@@ -250,9 +253,58 @@ def section_speed(device):
     return {"configs": rows, "checks": checks, "targets": TARGETS}
 
 
+def compiled_bits(device):
+    """--compile's rounding on `device` (on CUDA Inductor's Triton kernels):
+    elements differing from the triton backend's stochastic rounding for the
+    same keys (the same Philox bits), one tensor and batched, and from eager
+    torch's nearest rounding, per format."""
+    from swalp.quant.optim import compile_rounding
+
+    triton = triton_backend(device)
+    x = edge_cases().to(device)
+    stochastic = {}
+    for spec in ("bfp8", "fixed8.6", "e4m3"):
+        number_format = specs.parse(spec)
+        for index, key in enumerate(KEYS):
+            torch._dynamo.reset()  # each format and key its own graph, however many
+            tensor_key = key._replace(step=torch.tensor(key.step, device=device))
+
+            def rounded(tensor, parts):
+                backends.COMPILED_BACKEND.round_many(parts, number_format, "stochastic", tensor_key)
+                return number_format.quantize(tensor, "stochastic", backends.COMPILED_BACKEND, tensor_key), parts
+
+            ours, batched = compile_rounding(rounded)(x, [x[:20].clone(), x[20:].clone()])
+            theirs = [x[:20].clone(), x[20:].clone()]
+            triton.round_many(theirs, number_format, "stochastic", key)
+            stochastic[f"{spec}/{index}"] = same_bits(ours, number_format.quantize(x, "stochastic", triton, key))
+            stochastic[f"{spec}/{index}/batched"] = same_bits(torch.cat(batched), torch.cat(theirs))
+    nearest = {}
+    for spec in TRITON_FORMATS + OTHER_FORMATS + ("nvfp4",):
+        torch._dynamo.reset()
+        number_format = specs.parse(spec)
+        compiled = compile_rounding(lambda tensor: number_format.quantize(tensor, "nearest", backends.COMPILED_BACKEND))
+        nearest[spec] = same_bits(compiled(x), number_format.quantize(x, "nearest", backends.TORCH_BACKEND))
+    return {"stochastic_vs_triton": stochastic, "nearest_vs_eager": nearest,
+            "all_identical": not any(stochastic.values()) and not any(nearest.values())}
+
+
+def section_compiled(device):
+    """compiled_bits, and the VGG16 step and rounding times of benchmarks.compiled."""
+    from benchmarks import compiled as compiled_benchmark
+
+    result = compiled_bits(device)
+    steps = [compiled_benchmark.step_row(spec, compiled, device, 128, 10) for spec in (None, "bfp8")
+             for compiled in (False, True)]
+    rounding, compile_seconds = compiled_benchmark.rounding_rows(device, 20)
+    by = {(row["precision"], row["mode"]): row["seconds_per_step"] for row in steps}
+    return {**result, "steps": steps, "rounding": rounding, "rounding_compile_seconds": compile_seconds,
+            "checks": {"compiled 8-bit step / compiled FP step": by[("bfp8", "compiled")] / by[("fp32", "compiled")],
+                       "compiled rounding / copy": rounding[1]["x copy"]}}
+
+
 SECTIONS = {"versions": section_versions, "compile": section_compile, "nearest": section_nearest,
             "stochastic": section_stochastic, "syncs": section_syncs, "train": section_train,
-            "speed": section_speed}
+            "speed": section_speed, "compiled": section_compiled}
 
 
 def main(argv=None):

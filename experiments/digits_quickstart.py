@@ -76,8 +76,8 @@ def build_parser():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one run per precision and seed")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
                         help="fp: full precision; lp8: the paper's 8-bit setting")
-    parser.add_argument("--model", default="PreResNet20", choices=sorted(set(models.MODELS) - set(models.IMAGENET_MODELS)),
-                        help="a CIFAR model")
+    parser.add_argument("--model", default="PreResNet20",
+                        choices=sorted(set(models.MODELS) - set(models.IMAGENET_MODELS)), help="a CIFAR model")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "digits"),
                         help="folder of the run directories and summary.json")
     return parser

@@ -28,7 +28,8 @@ import time
 from experiments import common, logistic_regression
 from swalp.quant import backends, specs
 
-DEFAULT_FORMATS = ("fixed8", "bfp8", "e4m3", "e5m2", "fp8e4m3", "mxfp8", "mxfp8-ceil", "mxfp4", "mxfp4-ceil", "mxint8")
+DEFAULT_FORMATS = ("fixed8", "bfp8", "e4m3", "e5m2", "fp8e4m3", "mxfp8", "mxfp8-ceil", "mxfp4", "mxfp4-ceil", "nvfp4",
+                   "mxint8")
 
 
 def resolve(spec, il):

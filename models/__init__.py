@@ -36,6 +36,13 @@ class PreResNet164:
     kwargs = {"depth": 164}
 
 
+class ViT:
+    """A vision transformer for 32x32 images: patches of 4, width 192, 6 blocks of 3 heads."""
+
+    base = "vit.VisionTransformer"
+    kwargs = {}
+
+
 class ResNet18:
     """For ImageNet (224x224 inputs); the others are for 32x32 CIFAR images."""
 
@@ -43,7 +50,7 @@ class ResNet18:
     kwargs = {}
 
 
-MODELS = {cfg.__name__: cfg for cfg in (VGG16, VGG16BN, VGG19, VGG19BN, PreResNet20, PreResNet164, ResNet18)}
+MODELS = {cfg.__name__: cfg for cfg in (VGG16, VGG16BN, VGG19, VGG19BN, PreResNet20, PreResNet164, ViT, ResNet18)}
 IMAGENET_MODELS = ("ResNet18",)
 
 

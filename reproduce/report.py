@@ -25,7 +25,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from swalp.quant.kinds import NUMBER_KINDS, from_record, precision_tag
+from swalp.quant.kinds import EVERY, NUMBER_KINDS, from_record, precision_tag
 
 PAPER = {  # test error %, mean and std over 3 seeds (the paper's table)
     ("CIFAR10", "VGG16"): {"SGD-FP": (6.81, 0.09), "SWA-FP": (6.51, 0.14), "SGD-LP": (7.61, 0.15),
@@ -66,7 +66,7 @@ def number_format(config):
     label = precision_tag(from_record(config))
     if label == "FP":
         return label
-    if len(set(specs.values())) == 1 and None not in specs.values():
+    if len({specs[kind] for kind in EVERY}) == 1 and specs["weight"] is not None:
         label = specs["weight"]
     defaults = {"rounding": "stochastic", "small_block": "None", "block_dim": "B", "quant_placement": "layer"}
     # The layout flags shape block floating point word lengths only.
@@ -167,7 +167,8 @@ def table(finished, left_out):
                      for column in COLUMNS]
             lines.append(f"| {dataset} | {model} | {describe(recipe_items)} | {fmt} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Test error %, mean ± sample std over seeds (number of finished seeds); [paper mean ± std, 3 seeds].")
+    lines.append("Test error %, mean ± sample std over seeds (number of finished seeds); "
+                 "[paper mean ± std, 3 seeds].")
     for (reason, (dataset, model, recipe_items, fmt)), which in sorted(left_out.items(), key=str):
         lines.append(f"Left out, {reason}: {len(which)} run(s) of {dataset} {model} {fmt} ({describe(recipe_items)}): "
                      + "; ".join(which))

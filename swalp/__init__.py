@@ -28,8 +28,8 @@ import importlib
 
 __all__ = [
     "parse_format", "FormatError", "BlockFormat", "FixedFormat", "FloatFormat", "OCPFloatFormat", "MXFormat",
-    "NUMBER_KINDS", "BACKENDS", "Backend", "select_backend", "StepNoise", "TensorQuantizer", "Quantizer",
-    "quantize_model", "wrap_optimizer", "SeededOptimLP",
+    "NVFP4Format", "NUMBER_KINDS", "BACKENDS", "Backend", "select_backend", "StepNoise", "TensorQuantizer", "Quantizer",
+    "quantize_model", "wrap_optimizer", "SeededOptimLP", "LayerRule",
 ]
 
 # Public name -> (module, attribute).
@@ -37,12 +37,13 @@ _WHERE = {
     "parse_format": ("swalp.quant.specs", "parse"),
     "FormatError": ("swalp.quant.specs", "FormatError"),
     **{name: ("swalp.quant.formats", name)
-       for name in ("BlockFormat", "FixedFormat", "FloatFormat", "OCPFloatFormat", "MXFormat")},
+       for name in ("BlockFormat", "FixedFormat", "FloatFormat", "OCPFloatFormat", "MXFormat", "NVFP4Format")},
     **{name: ("swalp.quant.kinds", name) for name in ("NUMBER_KINDS", "BACKENDS")},
     **{name: ("swalp.quant.backends", name) for name in ("Backend", "select_backend")},
     "StepNoise": ("swalp.quant.noise", "StepNoise"),
     **{name: ("swalp.quant.quantizer", name) for name in ("TensorQuantizer", "Quantizer", "quantize_model")},
     **{name: ("swalp.quant.optim", name) for name in ("wrap_optimizer", "SeededOptimLP")},
+    "LayerRule": ("swalp.quant.layers", "LayerRule"),
 }
 
 

@@ -24,7 +24,7 @@ def table_rows(stdout):
 
 
 def assert_same_run(first, second, epochs):
-    """Bit-identical weights, SWA weights, momenta and per-epoch metrics."""
+    """Bit-identical weights, SWA weights, optimizer state and per-epoch metrics."""
     expected = torch.load(first / f"checkpoint-{epochs}.pt", weights_only=True)
     actual = torch.load(second / f"checkpoint-{epochs}.pt", weights_only=True)
     for part in ("model_state", "swa_state"):
@@ -32,7 +32,8 @@ def assert_same_run(first, second, epochs):
         for key, value in expected[part].items():
             assert torch.equal(actual[part][key], value), (part, key)
     for index, state in expected["optimizer_state"]["state"].items():
-        assert torch.equal(actual["optimizer_state"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+        for key, value in state.items():  # SGD's momentum buffer, AdamW's moments and step count
+            assert torch.equal(actual["optimizer_state"]["state"][index][key], value), (index, key)
     assert actual["noise_step"] == expected["noise_step"]
     first_results = json.loads((first / "results.json").read_text())
     second_results = json.loads((second / "results.json").read_text())
@@ -70,3 +71,23 @@ def train_here(*args, timeout=None):
         except SystemExit as exit:
             code = exit.code
     return subprocess.CompletedProcess(["train.py", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def checkpoint_mid_epoch(flags, run_dir, steps=2):
+    """Train train.py's run of `flags` in this process for `steps` steps of
+    its first epoch, then save: the mid-epoch checkpoint's path."""
+    import train
+    from swalp.run import distributed
+
+    args = train.parse_args([str(flag) for flag in (*flags, "--dir", run_dir)])
+    stopped = train.start(args, distributed.World(), torch.device("cpu"), str(run_dir), None, [])
+    stopped.open_logs(resumed=False)
+
+    class StopAfterSteps:
+        def __bool__(self):
+            return stopped.state.epoch_totals["steps"] == steps
+
+    assert not train.train_epoch(stopped, StopAfterSteps())
+    checkpoint = train.save(stopped)
+    stopped.close_logs()
+    return checkpoint

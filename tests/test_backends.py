@@ -72,8 +72,8 @@ def test_explicit_qtorch_that_does_not_build_is_a_clear_error(broken_qtorch):
 
 def test_full_precision_never_loads_a_backend(broken_qtorch):
     args = train.parse_args(["--data_path", "d", "--model", "VGG16", "--quant-backend", "qtorch"])
-    quantizers, backend = choose_quantizers(args, torch.device("cpu"), swalp.StepNoise(0))
-    assert backend is None and set(quantizers.values()) == {None}
+    rounding = choose_quantizers(args, torch.device("cpu"), swalp.StepNoise(0))
+    assert rounding.backend is None and set(rounding.quantizers.values()) == {None}
 
 
 def test_explicit_qtorch_failure_exits_with_code_2(broken_qtorch, cifar_in_process, tmp_path, capsys):

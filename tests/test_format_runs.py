@@ -40,7 +40,7 @@ def test_a_run_with_a_format_per_kind(cifar_in_process, tmp_path, capsys):
         assert line in result.out, line
     config = json.loads((run_dir / "results.json").read_text())["config"]
     assert [config[f"format_{kind}"] for kind in kinds.NUMBER_KINDS] == [
-        "mxfp8e4m3", "fp8e5m2", "fixed8.6", "bfp8/32", "e4m3", "mxint8"]
+        "mxfp8e4m3", "fp8e5m2", "fixed8.6", "bfp8/32", "e4m3", "mxint8", None]  # no second moment with SGD
     assert all(config[f"wl_{kind}"] == -1 for kind in kinds.NUMBER_KINDS)
 
     checkpoint = torch.load(run_dir / "checkpoint-1.pt", weights_only=True)
@@ -77,7 +77,7 @@ def test_format_sets_every_kind_and_a_kinds_own_spec_wins():
     args = flags("--format", "MXFP4", "--format-grad", "bf16", "--format-momentum", "bfp6")
     specs_given = {kind: arguments.config(args)[f"format_{kind}"] for kind in kinds.NUMBER_KINDS}
     assert specs_given == {"weight": "mxfp4e2m1", "activate": "mxfp4e2m1", "grad": "e8m7",
-                           "error": "mxfp4e2m1", "momentum": None, "acc": "mxfp4e2m1"}
+                           "error": "mxfp4e2m1", "momentum": None, "acc": "mxfp4e2m1", "moment2": None}
     assert arguments.config(args)["wl_momentum"] == 6  # bfp6 is --wl-momentum 6: the same run
     assert vars(flags("--format-weight", "bfp8")) == vars(flags("--wl-weight", "8")) | {"format": None}
 
@@ -102,6 +102,6 @@ def test_a_backend_without_the_formats_kernel_is_refused_or_falls_back(monkeypat
     with pytest.raises(UserError, match="--quant-backend qtorch: the qtorch backend cannot compute mxfp8e4m3"):
         choose_quantizers(flags("--format-weight", "mxfp8", "--quant-backend", "qtorch"), torch.device("cpu"),
                                swalp.StepNoise(0))
-    quantizers, _ = choose_quantizers(flags("--format-weight", "mxfp8", "--format-grad", "e4m3"),
-                                           torch.device("cpu"), swalp.StepNoise(0))
+    quantizers = choose_quantizers(flags("--format-weight", "mxfp8", "--format-grad", "e4m3"),
+                                   torch.device("cpu"), swalp.StepNoise(0)).quantizers
     assert quantizers["weight"].backend is backends.TORCH_BACKEND and quantizers["grad"].backend is lean

@@ -25,11 +25,11 @@ def test_swalp_beats_sgd_lp_and_the_floor_mx_scale_traps_the_weights(sweep):
 
 def test_sweep_main_prints_plots_and_refuses_bad_formats(tmp_path, capsys):
     out = tmp_path / "sweep.png"
-    result, rows = format_sweep.main(["--formats", "E5M2", "mxint8", "--epochs", "2", "--swa_start", "1",
+    result, rows = format_sweep.main(["--formats", "E5M2", "mxint8", "NVFP4", "--epochs", "2", "--swa_start", "1",
                                       "--replicates", "2", "--data_path", str(tmp_path), "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "e5m2" in printed and "mxint8" in printed and "SWALP loss" in printed
-    assert [row["format"] for row in rows] == ["e5m2", "mxint8", "float32", "optimum"]
+    assert "e5m2" in printed and "nvfp4" in printed and "SWALP loss" in printed
+    assert [row["format"] for row in rows] == ["e5m2", "mxint8", "nvfp4", "float32", "optimum"]
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert json.loads(out.with_suffix(".json").read_text())["table"][1]["SWALP loss"] == result["swalp"]["loss"][1]
     for bad in ("fp32", "mxfp9"):

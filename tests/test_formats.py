@@ -33,7 +33,8 @@ def assert_same_numbers(actual, expected):
     ("E5M2", "e5m2"), ("e3m4", "e3m4"), ("bf16", "e8m7"), ("FP16", "e5m10"), ("fp8e4m3", "fp8e4m3"),
     ("fp8e5m2", "fp8e5m2"), ("mxfp8", "mxfp8e4m3"), ("MXFP8E4M3", "mxfp8e4m3"), ("mxfp8e5m2", "mxfp8e5m2"),
     ("mxfp6e2m3", "mxfp6e2m3"), ("mxfp6e3m2", "mxfp6e3m2"), ("mxfp4", "mxfp4e2m1"), ("mxint8", "mxint8"),
-    ("MXFP8-CEIL", "mxfp8e4m3-ceil"), ("mxint8-ceil", "mxint8-ceil"), ("mxfp4-ceil", "mxfp4e2m1-ceil")])
+    ("MXFP8-CEIL", "mxfp8e4m3-ceil"), ("mxint8-ceil", "mxint8-ceil"), ("mxfp4-ceil", "mxfp4e2m1-ceil"),
+    ("NVFP4", "nvfp4")])
 def test_every_spec_of_the_grammar_has_one_canonical_spelling(spec, canonical):
     assert specs.canonical(spec) == canonical
     number_format = specs.parse(spec)
@@ -279,3 +280,64 @@ def test_ocp_kernels_reject_what_float32_cannot_simulate():
         tq.mx_quantize(x, 3, -6, 8, 448.0, "nearest", scale="round")
     with pytest.raises(ValueError):
         formats.MXFormat(formats.ELEMENTS["e4m3"], scale="round")
+
+
+@pytest.mark.parametrize("shape, spread", [((8, 64), 3), ((32, 128), 6), ((4, 16), 0), ((64, 48), 3), ((3, 5, 32), 2)])
+def test_nvfp4_nearest_equals_torchao(shape, spread):
+    nvfp4 = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * torch.logspace(-spread, spread, shape[0]).view(-1, *[1] * (len(shape) - 1))
+    ours = specs.parse("nvfp4").quantize(x, "nearest", TORCH)
+    rows = x.reshape(shape[0], -1)  # torchao: a 2-D tensor, blocks along its last dimension
+    scale = nvfp4.per_tensor_amax_to_scale(rows.abs().amax())
+    theirs = nvfp4.NVFP4Tensor.to_nvfp4(rows, per_tensor_scale=scale).dequantize(torch.float32).view(shape)
+    assert_bit_identical(ours, theirs)
+
+
+def test_nvfp4_elements_and_scales_are_on_their_grids():
+    torch.manual_seed(1)
+    x = torch.randn(6, 40) * 3
+    out = specs.parse("nvfp4").quantize(x, "nearest", TORCH)
+    tensor_scale = x.abs().amax() / (448 * 6)
+    blocks, _ = formats.row_blocks(x, 16)
+    block_scale = ((blocks.abs().amax(1, keepdim=True) / 6) / tensor_scale).clamp(2 ** -6, 448)
+    block_scale = block_scale.to(torch.float8_e4m3fn).float()
+    elements = formats.row_blocks(out, 16)[0] / (tensor_scale * block_scale)  # exact to a few ulps
+    grid = torch.tensor(element_grid(formats.ELEMENTS["e2m1"]))
+    assert ((elements.abs().unsqueeze(-1) - grid).abs().amin(-1) < 1e-5).all()
+
+
+def test_nvfp4_stochastic_rounding_is_unbiased_between_the_two_neighbours():
+    """Block 0 holds the tensor's peak, 2688 = 448 x 6, so the tensor's factor
+    is 1; block 1's peak is 6, so its E4M3 factor is 1 too and its elements
+    are its values rounded on the E2M1 grid."""
+    generator = torch.Generator().manual_seed(0)
+    row = torch.zeros(32)
+    row[0] = 2688.0
+    row[16] = 6.0
+    row[17:] = torch.rand(15, generator=generator) * 10.8 - 5.4
+    draws = 4000
+    out = specs.parse("nvfp4").quantize(row.repeat(draws, 1), "stochastic", TORCH, generator)[:, 17:].double()
+    x = row[17:].double()
+    grid = torch.tensor(element_grid(formats.ELEMENTS["e2m1"]), dtype=torch.float64)
+    grid = torch.cat([-grid.flip(0), grid])
+    upper = torch.searchsorted(grid, x, right=True).clamp(max=len(grid) - 1)
+    low, high = grid[upper - 1], grid[upper]
+    assert ((out == low) | (out == high)).all()
+    p_up = (x - low) / (high - low)
+    observed = (out == high).double().mean(0)
+    assert ((observed - p_up).abs() <= 6 * (p_up * (1 - p_up) / draws).sqrt() + 1e-9).all()
+
+
+def test_nvfp4_keeps_zeros_and_turns_a_tensor_with_inf_or_nan_into_nan():
+    nvfp4 = specs.parse("nvfp4")
+    assert torch.equal(nvfp4.quantize(torch.zeros(3, 16), "nearest", TORCH), torch.zeros(3, 16))
+    for special in (float("inf"), float("nan")):
+        x = torch.randn(3, 16)
+        x[1, 2] = special
+        assert nvfp4.quantize(x, "nearest", TORCH).isnan().all()
+
+
+def test_only_the_torch_backend_computes_nvfp4():
+    lean = backends.Backend("lean", tq.block_quantize, tq.fixed_point_quantize, tq.float_quantize, seedable=True)
+    assert TORCH.supports(specs.parse("nvfp4")) and not lean.supports(specs.parse("nvfp4"))

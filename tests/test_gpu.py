@@ -33,3 +33,8 @@ def test_the_training_loop_and_the_loader_do_not_wait_for_the_gpu(device):
 def test_train_py_on_cuda_repeats_and_resumes_bit_for_bit(device):
     result = gpu_check.section_train(device)
     assert result["repeats_bit_for_bit"] and result["resume_is_exact"], result
+
+
+def test_compiled_rounding_on_the_gpu_draws_the_triton_backends_bits(device):
+    result = gpu_check.compiled_bits(device)
+    assert result["all_identical"], result

@@ -43,3 +43,18 @@ def test_no_accumulator_is_described_alike_in_help_startup_and_readme():
     with open(os.path.join(ROOT, "README.md")) as handle:
         row = next(line for line in handle if line.startswith("| `--wl-acc`"))
     assert f"-1: {meaning}" in row
+
+
+def test_every_train_flag_has_help_and_a_sentence_in_the_readme_or_docs():
+    parser = arguments.build_parser()
+    blocks = option_blocks(parser.format_help())
+    documents = []
+    for folder, names in ((ROOT, ["README.md"]), (os.path.join(ROOT, "docs"), os.listdir(os.path.join(ROOT, "docs")))):
+        documents += [open(os.path.join(folder, name)).read() for name in names if name.endswith(".md")]
+    text = "\n".join(documents)
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        flag = next(option for option in action.option_strings if option.startswith("--"))
+        assert len(blocks.get(flag, "").split()) > 2, f"{flag} has no help text"
+        assert re.search(rf"`{re.escape(flag)}[` =]", text), f"{flag} is in neither the README nor docs/"

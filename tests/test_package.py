@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import swalp
+import train
 from grid import on_block_grid
 from runs import EIGHT_BIT, ROOT, SMALL, table_rows
+from swalp.run import arguments
 
 USE_API = """
 import json, os, sys, torch, swalp
@@ -118,8 +120,11 @@ def test_a_checkpoint_written_before_the_package_resumes_and_continues(train_fas
     assert results["epochs"][:2] == old["history"] and results["epochs"][2]["epoch"] == 3
     new = torch.load(run_dir / "checkpoint-3.pt", weights_only=True)
     # Its own paths, and the defaults of flags added since it was written.
-    changed = {"data_path": str(train_fast.data_path), "dir": str(run_dir), "resume": "auto", "tf32": False}
-    assert new["config"] == {**old["config"], **changed}
+    changed = {"data_path": str(train_fast.data_path), "dir": str(run_dir), "resume": "auto"}
+    defaults = arguments.config(train.parse_args(["--data_path", "d", "--model", "PreResNet20"]))
+    added = {key: new["config"][key] for key in new["config"].keys() - old["config"].keys()}
+    assert added and added == {key: defaults[key] for key in added}
+    assert new["config"] == {**old["config"], **changed, **added}
     assert new["noise_step"] == old["noise_step"] + 1  # the epoch's last step of three
     assert on_block_grid(new["model_state"]["layer1.0.conv1.weight"], 8)
     assert not torch.equal(new["model_state"]["layer1.0.conv1.weight"], old["model_state"]["layer1.0.conv1.weight"])

@@ -147,7 +147,7 @@ PAPER_RECIPE = {"epochs": 300, "batch_size": 128, "lr_init": 0.05, "swa_start": 
 
 def fake_run(word_length, seed, sgd, swa, status="finished", **changes):
     config = {"dataset": "CIFAR100", "model": "VGG16", "seed": seed, **PAPER_RECIPE,
-              **{f"wl_{kind}": word_length for kind in report.NUMBER_KINDS}, **changes}
+              **{f"wl_{kind}": word_length for kind in report.EVERY}, **changes}
     return (f"run{seed}", {"status": status, "config": config, "sgd_error": sgd, "swa_error": swa, "epochs": []})
 
 
@@ -197,7 +197,7 @@ def test_runner_adds_one_run_per_format():
 def test_report_gives_each_format_its_own_row():
     def formatted(spec, seed, sgd, swa, **changes):
         path, results = fake_run(-1, seed, sgd, swa, small_block="FC", **changes)
-        results["config"].update({f"format_{kind}": spec for kind in report.NUMBER_KINDS})
+        results["config"].update({f"format_{kind}": spec for kind in report.EVERY})
         return path, results
 
     runs = [fake_run(-1, 1, 27.0, 26.0), formatted("e4m3", 1, 31.0, 28.0), formatted("e4m3", 2, 33.0, 30.0),

@@ -51,7 +51,7 @@ def test_under_the_interpreter(interpreted, check):
 def test_step_noise_keys_share_the_optimizer_stream_across_ranks_only():
     ranks = [swalp.StepNoise(9, step=4, rank=rank) for rank in (0, 1)]
     optimizer_keys = {noise.key(2, noise_streams.OPTIMIZER_STREAM) for noise in ranks}
-    assert optimizer_keys == {(9, 2, 4, noise_streams.OPTIMIZER_STREAM)}
+    assert optimizer_keys == {noise_streams.NoiseKey(9, 2, 4, noise_streams.OPTIMIZER_STREAM)}
     for stream in (noise_streams.FORWARD_STREAM, noise_streams.BACKWARD_STREAM):
         assert ranks[0].key(2, stream) != ranks[1].key(2, stream)
     assert len({ranks[0].key(2, stream) for stream in range(4)}) == 4
@@ -68,6 +68,16 @@ def test_passes_without_gradients_draw_anew_until_the_next_step():
     resumed = swalp.StepNoise(9)
     resumed.seek(1)
     assert resumed.key(5, noise_streams.NO_GRAD_STREAM) == keys[0]._replace(step=1)
+
+
+def test_with_the_step_as_a_tensor_passes_without_gradients_are_counted_in_a_tensor():
+    noise = swalp.StepNoise(9)
+    step = noise.step_tensor("cpu")
+    keys = [noise.key(5, noise_streams.NO_GRAD_STREAM, step) for _ in range(3)]
+    assert [int(key.identity) for key in keys] == [5, 5 + 4096, 5 + 8192]  # one count for all sites
+    assert int(noise.key(6, noise_streams.NO_GRAD_STREAM, step).identity) == 6 + 3 * 4096
+    noise.advance()
+    assert int(step) == 1 and int(noise.key(5, noise_streams.NO_GRAD_STREAM, step).identity) == 5
 
 
 def test_a_training_pass_rounds_on_the_forward_stream_and_evaluation_on_its_own():

@@ -178,7 +178,7 @@ def noise_is_a_function_of_seed_step_identity_domain_and_index(work):
     key = NoiseKey(7, 3, 11, 1)
     first = tq.block_quantize(x, 6, 0, "stochastic", key)
     assert torch.equal(tq.block_quantize(x, 6, 0, "stochastic", key), first)
-    for field in NoiseKey._fields:
+    for field in ("seed", "identity", "step", "domain"):
         other = key._replace(**{field: getattr(key, field) + 1})
         assert not torch.equal(tq.block_quantize(x, 6, 0, "stochastic", other), first), field
     # An element's bits depend on its index, not on what else is rounded with it
@@ -189,6 +189,32 @@ def noise_is_a_function_of_seed_step_identity_domain_and_index(work):
     # The top counter bits are used: steps 2^31 apart draw differently.
     far = tq.block_quantize(x, 6, 0, "stochastic", key._replace(step=key.step + (1 << 31)))
     assert not torch.equal(far, first)
+
+
+@check
+def the_compiled_backend_draws_the_triton_backends_bits(work):
+    """The compiled backend's Philox (torch operations) against tl.philox:
+    stochastic rounding bit for bit, one tensor at a time and batched, with
+    the step as an int and as the tensor compiled graphs read."""
+    triton_backend = backends.load_triton_backend(torch.device("cpu"))
+    compiled = backends.COMPILED_BACKEND
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (6,), (10, 12)]
+    cases = [formats.BlockFormat(8), formats.BlockFormat(6, small_block="FC"), formats.BlockFormat(8, block_dim="BC"),
+             formats.FixedFormat(8, 4), formats.FloatFormat(5, 2)]
+    for step in (9, torch.tensor(9)):
+        key = NoiseKey(seed=11, identity=2, step=step, domain=1)
+        for number_format in cases:
+            tensors = [torch.randn(shape) * 10.0 ** torch.randint(-3, 3, ()) for shape in shapes]
+            for tensor in tensors:
+                assert_bit_identical(number_format.quantize(tensor, "stochastic", compiled, key),
+                                     number_format.quantize(tensor, "stochastic", triton_backend, key._replace(
+                                         step=int(step))), (str(number_format), tensor.shape))
+            ours, theirs = [t.clone() for t in tensors], [t.clone() for t in tensors]
+            compiled.round_many(ours, number_format, "stochastic", key)
+            triton_backend.round_many(theirs, number_format, "stochastic", key._replace(step=int(step)))
+            for mine, wanted in zip(ours, theirs):
+                assert_bit_identical(mine, wanted, (str(number_format), "batched"))
 
 
 # Top-level operations that allocate or make views, and launch nothing on a GPU.
@@ -267,6 +293,40 @@ def training_is_repeatable_and_every_number_is_on_its_grid(work):
         assert on_block_grid(param.data, 8) and on_block_grid(param.grad, 8)
         assert on_block_grid(optimizer.optim.state[param]["momentum_buffer"], 8)
         assert on_block_grid(optimizer.weight_acc[param], 12)
+
+
+@check
+def adamw_rounds_each_kind_in_one_batch_repeatably(work):
+    """Weights, gradients and both moments of AdamW: one batch (two kernels)
+    per kind and step, whatever the number of parameters, on their grids."""
+    backend, _ = backends.choose_backend("triton", torch.device("cpu"))
+
+    def train(seed):
+        torch.manual_seed(0)
+        net, noise = TinyNet(), swalp.StepNoise(seed)
+        adamw = torch.optim.AdamW(net.parameters(), lr=0.01)
+        optimizer = swalp.wrap_optimizer(adamw, weight="bfp8", grad="bfp8", momentum="bfp8", moment2="bfp16",
+                                         backend=backend, noise=noise)
+        assert optimizer.batched
+        data = torch.Generator().manual_seed(100)
+        for _ in range(2):
+            optimizer.zero_grad()
+            inputs, targets = torch.randn(4, 3, 6, 6, generator=data), torch.randint(0, 5, (4,), generator=data)
+            nn.functional.cross_entropy(net(inputs), targets).backward()
+            with torch.profiler.profile() as profile:
+                optimizer.step()
+            launches = [event.name for event in profile.events() if event.name.startswith("triton::")]
+            assert len(launches) == 2 * 4, launches  # 4 kinds, 4 parameters each
+        return net, adamw
+
+    net, adamw = train(seed=3)
+    again, _ = train(seed=3)
+    for ours, theirs in zip(net.parameters(), again.parameters()):
+        assert_bit_identical(ours.data, theirs.data, "same seed")
+    for param in net.parameters():
+        assert on_block_grid(param.data, 8) and on_block_grid(param.grad, 8)
+        assert on_block_grid(adamw.state[param]["exp_avg"], 8)
+        assert on_block_grid(adamw.state[param]["exp_avg_sq"], 16)
 
 
 def _rank(rank, init_file, queue):

@@ -1,9 +1,11 @@
 """Rounding backends: the kernels that compute each number format.
 
 ours in PyTorch operations (`torch_kernels`: seedable, no compiler, any
-device), ours in Triton (`triton_kernels`: fused, counter-based noise; CUDA,
-or the CPU under Triton's interpreter), or qtorch's compiled C++/CUDA
-kernels (not seedable). A format names the kernel it needs (its `kernel`);
+device), the same under torch.compile (`compiled`: counter-based noise
+computed by traceable operations, fused by Inductor), ours in Triton
+(`triton_kernels`: fused, counter-based noise; CUDA, or the CPU under
+Triton's interpreter), or qtorch's compiled C++/CUDA kernels (not
+seedable). A format names the kernel it needs (its `kernel`);
 a backend lacking it cannot compute that format.
 """
 
@@ -12,8 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from swalp.errors import first_line
-from swalp.quant import torch_kernels
-
+from swalp.quant import formats, philox, torch_kernels
 
 
 class Backend(NamedTuple):
@@ -23,7 +24,9 @@ class Backend(NamedTuple):
     their noise argument is a NoiseKey rather than a torch generator;
     `block_sizes`: their block kernel takes formats with a block size;
     `round_many`, where present, rounds a list of tensors in place with a
-    handful of launches (see triton_kernels.round_many)."""
+    handful of launches (see triton_kernels.round_many); `step_tensor`:
+    their noise keys carry the step as a tensor (torch.compile's graphs
+    then serve every step)."""
 
     name: str
     block: Callable
@@ -32,9 +35,11 @@ class Backend(NamedTuple):
     seedable: bool
     minifloat: Callable = None
     mx: Callable = None
+    nvfp4: Callable = None
     counter_based: bool = False
     block_sizes: bool = True
     round_many: Callable = None
+    step_tensor: bool = False
 
     def supports(self, number_format):
         if getattr(self, number_format.kernel) is None:
@@ -44,7 +49,30 @@ class Backend(NamedTuple):
 
 TORCH_BACKEND = Backend("torch", torch_kernels.block_quantize, torch_kernels.fixed_point_quantize,
                         torch_kernels.float_quantize, seedable=True, minifloat=torch_kernels.minifloat_quantize,
-                        mx=torch_kernels.mx_quantize)
+                        mx=torch_kernels.mx_quantize, nvfp4=torch_kernels.nvfp4_quantize)
+
+
+def _round_batch(tensors, number_format, rounding, key=None, out=None):
+    """The compiled backend's batch: each tensor rounded into itself (or into
+    out's) by the torch kernels, with the noise of `key` over their
+    concatenation (element j of tensor i at index j + the elements of the
+    tensors before it), as the triton backend numbers a batch: the same bits,
+    drawn for the whole batch at once (under torch.compile one Philox kernel,
+    and a graph a fraction the size to trace)."""
+    counts = [formats.draws(number_format, tensor) for tensor in tensors]
+    if key is not None:
+        words = philox.random_bits(torch.arange(sum(counts), dtype=torch.int64, device=tensors[0].device),
+                                   key.seed, key.identity, key.step, key.domain)
+    offset = 0
+    for tensor, target, count in zip(tensors, tensors if out is None else out, counts):
+        noise = None if key is None else key._replace(offset=offset, words=words[offset:offset + count])
+        target.copy_(number_format.quantize(tensor, rounding, TORCH_BACKEND, noise))
+        offset += count
+
+
+# The torch kernels with counter-based noise, for code compiled by torch.compile.
+COMPILED_BACKEND = TORCH_BACKEND._replace(name="compiled", counter_based=True, round_many=_round_batch,
+                                          step_tensor=True)
 
 
 class BackendUnavailable(RuntimeError):
@@ -108,6 +136,8 @@ def choose_backend(name, device, number_formats=(), rounding="nearest"):
     backend otherwise."""
     if name == "torch":
         return TORCH_BACKEND, None
+    if name == "compiled":
+        return COMPILED_BACKEND, None
     if name == "qtorch":
         return load_qtorch_backend(), None
     if name == "triton":
@@ -124,7 +154,8 @@ def choose_backend(name, device, number_formats=(), rounding="nearest"):
 
 def select_backend(name: str = "auto", device="cpu", number_formats=(), rounding: str = "nearest") -> Backend:
     """The rounding kernels `name` picks on `device`: auto (our Triton
-    kernels on a CUDA device when they compile, else torch), torch, triton
+    kernels on a CUDA device when they compile, else torch), torch, compiled
+    (the torch kernels with counter-based noise, for torch.compile), triton
     or qtorch. Raises BackendUnavailable (one line) when they cannot run.
     Give the formats and rounding to be used: the triton backend compiles and
     runs each of their kernels now, not in the middle of training.

@@ -20,12 +20,30 @@ BLOCK_DIMS = ("B", "BC")
 MIN_WL, MAX_WL = 2, 22
 
 
+def _rows(x):
+    return (x.shape[0], math.prod(x.shape[1:])) if x.dim() > 1 else (1, x.numel())
+
+
+def row_blocks_numel(x, k):
+    """The elements of `row_blocks(x, k)`, the padding included."""
+    count, length = _rows(x)
+    return count * (length + (-length % k))
+
+
+def draws(number_format, x):
+    """How many elements the rounding of x in `number_format` draws noise
+    for: those of its blocks where they pad rows (counter-based noise
+    numbers them, so a batch must know where each tensor's draws end)."""
+    block = getattr(number_format, "row_block", lambda _: None)(x)
+    return x.numel() if block is None else row_blocks_numel(x, block)
+
+
 def row_blocks(x, k):
     """x as rows (dim 0; a 1-D tensor is one row) cut into blocks of k
     consecutive elements, the last block of a row padded with zeros (which
     change no block's largest magnitude): a (blocks, k) tensor, and the
     function that puts such a tensor back into x's shape."""
-    count, length = (x.shape[0], math.prod(x.shape[1:])) if x.dim() > 1 else (1, x.numel())
+    count, length = _rows(x)
     rows = x.reshape(count, length)
     if length % k:  # padding copies the tensor
         padded = rows.new_zeros((count, length + (-length % k)))
@@ -90,8 +108,12 @@ class BlockFormat:
             return (shape[0] * shape[1], math.prod(shape[2:])), 0
         return tuple(shape), self.dim
 
+    def row_block(self, x):
+        """The block size it cuts x's rows into (`row_blocks`), or None."""
+        return self.block_size if self.block_size and x.dim() > SMALL_BLOCK_MAX_DIMS[self.small_block] else None
+
     def quantize(self, x, rounding, backend, generator=None, inplace=False):
-        if self.block_size and x.dim() > SMALL_BLOCK_MAX_DIMS[self.small_block]:
+        if self.row_block(x):
             blocks, restore = row_blocks(x, self.block_size)
             return restore(backend.block(blocks.contiguous(), self.wl, 0, rounding, generator))
         shape, dim = self.blocking(x.shape)
@@ -230,6 +252,9 @@ class MXFormat:
         return (f"MX {self.spec} ({self.element.name.upper()} elements, E8M0 {self.scale} scale per block of "
                 f"{MX_BLOCK})")
 
+    def row_block(self, x):
+        return MX_BLOCK
+
     def quantize(self, x, rounding, backend, generator=None, inplace=False):
         blocks, restore = row_blocks(x, MX_BLOCK)
         element = self.element
@@ -237,5 +262,39 @@ class MXFormat:
                                   rounding, generator, self.scale))
 
 
+NVFP4_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class NVFP4Format:
+    """NVIDIA's NVFP4: E2M1 elements (largest 6) in blocks of 16 consecutive
+    elements of each row (rows as in `row_blocks`), each block scaled by an
+    E4M3 factor, the whole tensor by one float32 factor. The tensor's factor
+    is max |x| / (448 x 6), so that block factors use E4M3's whole range; a
+    block's factor is its max |x| / 6 divided by the tensor's, rounded to
+    E4M3 to nearest (ties to even, clamped to E4M3's smallest normal 2^-6 and 448).
+    Elements round to E2M1 with `rounding` (nearest: ties to even) after
+    division by both factors and saturation at ±6; the value is element x
+    (tensor factor x block factor). A tensor holding inf or NaN becomes all
+    NaN; a tensor of zeros stays zero."""
+
+    kernel: ClassVar[str] = "nvfp4"
+    element: ClassVar[Element] = ELEMENTS["e2m1"]
+
+    @property
+    def spec(self):
+        return "nvfp4"
+
+    def __str__(self):
+        return "NVFP4 (E2M1 elements, E4M3 scale per block of 16, float32 tensor scale)"
+
+    def row_block(self, x):
+        return NVFP4_BLOCK
+
+    def quantize(self, x, rounding, backend, generator=None, inplace=False):
+        blocks, restore = row_blocks(x, NVFP4_BLOCK)
+        return restore(backend.nvfp4(blocks, rounding, generator))
+
+
 # Any of the formats above.
-NumberFormat = Union[BlockFormat, FixedFormat, FloatFormat, OCPFloatFormat, MXFormat]
+NumberFormat = Union[BlockFormat, FixedFormat, FloatFormat, OCPFloatFormat, MXFormat, NVFP4Format]

@@ -15,9 +15,18 @@ from swalp.quant.formats import BlockFormat
 # Names the command line offers, kept here so that it need not import torch.
 ROUNDINGS = ("stochastic", "nearest")
 BACKENDS = ("auto", "torch", "triton", "qtorch")
-NUMBER_KINDS = ("weight", "activate", "grad", "error", "momentum", "acc")
-OPTIMIZER_KINDS = ("weight", "grad", "momentum", "acc")
-KIND_TAGS = {"weight": "W", "activate": "A", "grad": "G", "error": "E", "momentum": "M", "acc": "Acc"}
+# moment2: AdamW's second moment (its running mean of squared gradients);
+# momentum is SGD's momentum buffer or AdamW's first moment.
+NUMBER_KINDS = ("weight", "activate", "grad", "error", "momentum", "acc", "moment2")
+OPTIMIZER_KINDS = ("weight", "grad", "momentum", "acc", "moment2")
+# What --format sets: every kind but the second moment, which only its own flags do.
+EVERY = NUMBER_KINDS[:-1]
+KIND_TAGS = {"weight": "W", "activate": "A", "grad": "G", "error": "E", "momentum": "M", "acc": "Acc", "moment2": "V"}
+
+
+def shown(optimizer):
+    """The kinds a run with `optimizer` (sgd, adamw) has: SGD has no second moment."""
+    return NUMBER_KINDS if optimizer == "adamw" else EVERY
 
 
 def unquantized(kind):
@@ -46,7 +55,7 @@ def per_kind(word_lengths, kind_specs, every=None, small_block="None", block_dim
             raise specs.FormatError(f"argument {flag}: {error}") from None
     chosen = {}
     for kind, wl in word_lengths.items():
-        flag = f"--format-{kind}" if kind_specs.get(kind) is not None else "--format"
+        flag = f"--format-{kind}" if kind_specs.get(kind) is not None else "--format" if kind in EVERY else None
         if flag in parsed and wl is not None:
             raise specs.FormatError(f"--wl-{kind} and {flag} both set the {kind} format; keep one")
         number_format = parsed.get(flag)

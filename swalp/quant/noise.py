@@ -19,12 +19,19 @@ class NoiseKey(NamedTuple):
     """What selects the random bits of one counter-based rounding, besides
     each element's index: the run's seed, what is rounded (`identity`), at
     which optimizer step, and in which stream (`domain`: the stream number
-    plus 4 times the data-parallel rank where it differs)."""
+    plus 4 times the data-parallel rank where it differs). `step` is an int,
+    or for the compiled backend a tensor holding it (a compiled graph then
+    serves every step). `offset` is the counter index of the tensor's first
+    element: its position in a batch's concatenation (0 on its own).
+    `words`, where given, are the tensor's bits, drawn with the rest of its
+    batch in one go (one Philox computation per batch, not per tensor)."""
 
     seed: int
     identity: int
-    step: int
+    step: object
     domain: int
+    offset: int = 0
+    words: object = None
 
 
 # Noise streams of a counter-based backend: the optimizer's (shared by all
@@ -43,7 +50,7 @@ class StepNoise:
 
     >>> noise = StepNoise(seed=1)
     >>> noise.key(identity=0, stream=OPTIMIZER_STREAM)
-    NoiseKey(seed=1, identity=0, step=0, domain=0)
+    NoiseKey(seed=1, identity=0, step=0, domain=0, offset=0, words=None)
 
     For the torch backend: generators for the optimizer's rounding, reseeded
     from (seed, step) at every optimizer step. For a counter-based backend:
@@ -60,6 +67,8 @@ class StepNoise:
         self.rank = rank
         self._generators = {}
         self._no_grad_calls = {}
+        self._step_tensors = {}
+        self._no_grad_counts = {}
 
     def _reseed(self, generator):
         generator.manual_seed(mix_seed(self.seed, self.step))
@@ -69,19 +78,39 @@ class StepNoise:
         self._no_grad_calls.clear()
         for generator in self._generators.values():
             self._reseed(generator)
+        for tensor in self._step_tensors.values():
+            tensor.fill_(step)  # on a GPU a launch, not a sync
+        for tensor in self._no_grad_counts.values():
+            tensor.zero_()
 
-    def key(self, identity, stream):
+    def step_tensor(self, device):
+        """The step as a 0-dimensional int64 tensor on `device`, kept current
+        by `seek`: what compiled code reads, so that the step is a graph input
+        rather than a constant that would recompile the graph at every step."""
+        device = torch.device(device)
+        if device not in self._step_tensors:
+            self._step_tensors[device] = torch.tensor(self.step, dtype=torch.int64, device=device)
+            self._no_grad_counts[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return self._step_tensors[device]
+
+    def key(self, identity, stream, step=None):
         """The NoiseKey of one rounding. The optimizer's stream is the same on
         every rank; the others add the rank. Forward passes without gradients
         are counted per site since the last step, so each draws anew; the
         count restarts at every step, so a run resumed at a step boundary
-        continues it exactly."""
-        if stream == NO_GRAD_STREAM:
+        continues it exactly. `step` (a tensor from `step_tensor`) stands in
+        for the current step; then passes without gradients are counted, by
+        all sites together, in a tensor too."""
+        if stream == NO_GRAD_STREAM and isinstance(step, torch.Tensor):
+            count = self._no_grad_counts[step.device]
+            identity = count * (1 << SITE_BITS) + identity
+            count.add_(1)
+        elif stream == NO_GRAD_STREAM:
             call = self._no_grad_calls.get(identity, 0)
             self._no_grad_calls[identity] = call + 1
             identity += call << SITE_BITS
         rank = 0 if stream == OPTIMIZER_STREAM else self.rank
-        return NoiseKey(self.seed, identity, self.step, stream + (rank << 2))
+        return NoiseKey(self.seed, identity, self.step if step is None else step, stream + (rank << 2))
 
     def advance(self):
         self.seek(self.step + 1)

@@ -19,6 +19,7 @@ import torch.nn as nn
 from swalp.quant import specs
 from swalp.quant.backends import TORCH_BACKEND, Backend, UnsupportedFormat, choose_backend
 from swalp.quant.kinds import NUMBER_KINDS, OPTIMIZER_KINDS, ROUNDINGS
+from swalp.quant.layers import formats_for, layer_names
 from swalp.quant.noise import BACKWARD_STREAM, FORWARD_STREAM, NO_GRAD_STREAM, OPTIMIZER_STREAM, SITE_BITS, StepNoise
 
 # What the default placement rule puts quantizers after (all but the last such layer).
@@ -56,7 +57,8 @@ class TensorQuantizer:
         if self.noise is None or self.rounding == "nearest":
             return None
         if self.backend.counter_based:
-            return self.noise.key(identity, stream)
+            step = self.noise.step_tensor(device) if self.backend.step_tensor else None
+            return self.noise.key(identity, stream, step)
         return self.noise.generator(device)
 
     def __call__(self, x, inplace=False, identity=0, stream=OPTIMIZER_STREAM):
@@ -128,7 +130,10 @@ class Quantizer(nn.Module):
         # Inside _Round.forward autograd is off: decide here whether this
         # pass trains (one per step) or only evaluates (any number).
         stream = FORWARD_STREAM if torch.is_grad_enabled() else NO_GRAD_STREAM
-        return _Round.apply(x, self.forward_quant, self.backward_quant, self.inplace, self.site, stream)
+        # Compiled, rounding in place saves nothing (Inductor fuses it) and
+        # Dynamo cannot trace a custom Function that marks its input dirty.
+        inplace = self.inplace and not torch.compiler.is_compiling()
+        return _Round.apply(x, self.forward_quant, self.backward_quant, inplace, self.site, stream)
 
     def extra_repr(self):
         return (f"forward={self.forward_quant}, backward={self.backward_quant}, inplace={self.inplace}, "
@@ -208,10 +213,12 @@ def _site_names(model, sites):
 def quantize_model(model: nn.Module, activate=None, error=None, *,
                    sites: Union[None, type, tuple, Sequence[Union[str, nn.Module]]] = None,
                    rounding: str = "stochastic", backend: Union[str, Backend] = "auto",
-                   noise: Optional[StepNoise] = None) -> list:
+                   noise: Optional[StepNoise] = None, rules: Sequence = (),
+                   fallback: Optional[Backend] = None) -> list:
     """Make any network low-precision: round the output of each site with
     `activate` in the forward pass and the gradient arriving there with
-    `error` in the backward pass. Returns the sites' qualified names.
+    `error` in the backward pass. Returns the qualified names of the sites
+    that got a quantizer.
 
     `activate` and `error`: None (full precision), a spec ("bfp8", "mxfp8",
     ...), a format object or a TensorQuantizer (or a function with its call
@@ -219,38 +226,53 @@ def quantize_model(model: nn.Module, activate=None, error=None, *,
     model's own `quantizer_sites("layer")` where it has one, else every
     convolution and linear layer but the last (the logits stay in full
     precision: the seed's rule); or module types (every module of them), or
-    qualified names or modules. `backend`: a Backend or auto, torch, triton,
-    qtorch (auto: triton on CUDA, else torch; a format it lacks runs on
-    torch). `noise`: the StepNoise shared with `wrap_optimizer`, needed for
+    qualified names or modules. `rules` (`swalp.quant.layers.LayerRule`s)
+    give the sites of the layers they name other formats. `backend`: a
+    Backend or auto, torch, triton, qtorch (auto: triton on CUDA, else
+    torch); a format it lacks runs on `fallback` (default: torch under
+    auto). `noise`: the StepNoise shared with `wrap_optimizer`, needed for
     stochastic rounding on the triton backend.
 
     Each site gets the quantizer as a child module named `quantizer` and a
     forward hook, so parameter names, state_dict keys and parameter order
     stay those of the plain network (an `AveragedModel` copy taken before
-    loads its state). Nothing is added when both are None.
+    loads its state). Nothing is added where both are None.
 
     >>> net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     >>> quantize_model(net, "bfp8", "bfp8", backend="torch")
     ['0']
     """
     chosen = _site_names(model, sites)
-    if activate is None and error is None:
+    layers = layer_names(model) if rules else []
+    per_site = [formats_for(name, {"activate": activate, "error": error}, rules, layers) for name, _ in chosen]
+    values = [value for formats in per_site for value in formats.values()]
+    if all(value is None for value in values):
         return []
     parameter = next(model.parameters(), None)
-    chosen_backend = backend_for(backend, parameter.device if parameter is not None else "cpu", (activate, error),
-                                 rounding)
-    fallback = TORCH_BACKEND if backend == "auto" else None
-    activation_quant = as_quantizer(activate, rounding, chosen_backend, noise, fallback)
-    error_quant = as_quantizer(error, rounding, chosen_backend, noise, fallback)
-    if activation_quant is None and error_quant is None:
-        return []
-    for index, (_, site) in enumerate(chosen):
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    chosen_backend = backend_for(backend, device, values, rounding)
+    fallback = fallback if fallback is not None else (TORCH_BACKEND if backend == "auto" else None)
+    if noise is not None and (backend == "compiled" or getattr(chosen_backend, "step_tensor", False)):
+        noise.step_tensor(device)  # now: made while a graph is traced, it would cost a recompilation
+    made, named = {}, []
+
+    def quantizer(value):
+        key = id(value) if callable(value) else value
+        if key not in made:
+            made[key] = as_quantizer(value, rounding, chosen_backend, noise, fallback)
+        return made[key]
+
+    for index, ((name, site), formats) in enumerate(zip(chosen, per_site)):
+        activation_quant, error_quant = quantizer(formats["activate"]), quantizer(formats["error"])
+        if activation_quant is None and error_quant is None:
+            continue
         # Convolutions and linear layers keep their input, not their output,
         # for backward: rounding their output in place saves a copy.
         inplace = isinstance(site, SITE_TYPES)
         site.add_module("quantizer", Quantizer(activation_quant, error_quant, inplace, index))
         site.register_forward_hook(_quantize_output)
-    return [name for name, _ in chosen]
+        named.append(name)
+    return named
 
 
 def build_quantizers(formats, rounding, backend=TORCH_BACKEND, noise=None, optimizer_backend=None, fallback=None):

@@ -15,6 +15,8 @@ Grammar (case-insensitive):
                               OCP Microscaling: blocks of 32 share an E8M0 scale, the spec's
                               2^(floor(log2 max) - emax of the element)
     <mx spec>-ceil            ... with the smallest scale that saturates nothing (NVIDIA's rounding)
+    nvfp4                     NVIDIA's NVFP4: E2M1 elements, an E4M3 scale per block of 16 and a
+                              float32 scale per tensor
 
 `parse` turns a spec into a format object (None for fp32); `canonical`
 normalises a spec for run names and records.
@@ -24,10 +26,11 @@ import argparse
 import re
 from typing import Optional
 
-from swalp.quant.formats import ELEMENTS, BlockFormat, FixedFormat, FloatFormat, MXFormat, NumberFormat, OCPFloatFormat
+from swalp.quant.formats import (ELEMENTS, BlockFormat, FixedFormat, FloatFormat, MXFormat, NumberFormat, NVFP4Format,
+                                 OCPFloatFormat)
 
 GRAMMAR = ("fp32, bfp<wl>, bfp<wl>/<k>, fixed<wl>.<fl>, e<exp>m<man>, bf16, fp16, fp8e4m3, fp8e5m2, "
-           "mxfp8 (= mxfp8e4m3), mxfp8e5m2, mxfp6e2m3, mxfp6e3m2, mxfp4, mxint8, and any mx spec with -ceil")
+           "mxfp8 (= mxfp8e4m3), mxfp8e5m2, mxfp6e2m3, mxfp6e3m2, mxfp4, mxint8, any mx spec with -ceil, nvfp4")
 FULL_PRECISION = "fp32"
 
 
@@ -39,7 +42,7 @@ PRESETS = {"bf16": "e8m7", "fp16": "e5m10", "mxfp8": "mxfp8e4m3", "mxfp4": "mxfp
            "mxfp4-ceil": "mxfp4e2m1-ceil"}
 NAMED = {number_format.spec: number_format for number_format in (
     *(OCPFloatFormat(ELEMENTS[name]) for name in ("e4m3", "e5m2")),
-    *(MXFormat(element, scale) for element in ELEMENTS.values() for scale in ("floor", "ceil")))}
+    *(MXFormat(element, scale) for element in ELEMENTS.values() for scale in ("floor", "ceil")), NVFP4Format())}
 
 
 def _build(spec):

@@ -10,6 +10,12 @@ nearest rounding is bit-identical to qtorch and stochastic rounding has the
 same distribution: the value is rounded to `man` bits of mantissa after
 adding uniform random bits below the last kept bit, then truncated.
 
+The noise argument of every kernel (`generator`) is a torch generator (or
+None: the device's default one), or a `noise.NoiseKey`: then each element's
+random bits are the triton backend's counter-based Philox draws
+(`philox.random_bits`), the same bits at the same element index, computed
+by traceable tensor operations, which is what the compiled backend uses.
+
 Special values:
 - block floating point: a block whose largest magnitude is inf or NaN
   becomes all NaN (its shared exponent is undefined); in a block whose
@@ -26,6 +32,9 @@ Special values:
 """
 
 import torch
+
+from swalp.quant import philox
+from swalp.quant.noise import NoiseKey
 
 SIGN_BIT = -(1 << 31)  # 0x80000000 as an int32
 EXPONENT_FIELD = 0xFF << 23
@@ -62,6 +71,9 @@ def _add_random_bits(bits, mask, generator):
     (two for 8-bit block floating point) and each field feeds one element.
     """
     flat = bits.view(-1)
+    if isinstance(generator, NoiseKey):  # one Philox word per element, its low bits, as the triton kernels take
+        flat += (_counter_bits(flat.numel(), bits.device, generator) & mask).to(torch.int32)
+        return
     width = mask.bit_length()
     fields = max(1, RANDOM_BITS // width)
     draws = -(-flat.numel() // fields)
@@ -74,11 +86,38 @@ def _add_random_bits(bits, mask, generator):
         target += field[:count].bitwise_and_(mask)
 
 
+def _counter_bits(count, device, key):
+    """The counter-based noise (int64 holding 32 bits) of the `count`
+    elements of a contiguous tensor: element i draws at index key.offset + i
+    (the key's words, where a batch drew them)."""
+    if key.words is not None:
+        assert key.words.numel() == count, "a batch's words must be those its tensors draw (formats.draws)"
+        return key.words
+    offsets = torch.arange(key.offset, key.offset + count, dtype=torch.int64, device=device)
+    return philox.random_bits(offsets, key.seed, key.identity, key.step, key.domain)
+
+
+def _uniform(x, generator):
+    """A float32 uniform on [0, 1) per element of x (24 random bits, as torch.rand draws)."""
+    if isinstance(generator, NoiseKey):
+        bits = (_counter_bits(x.numel(), x.device, generator) >> 8) & 0xFFFFFF
+        return (bits.to(torch.float32) * 2.0 ** -24).view(x.shape)
+    return torch.rand(x.shape, device=x.device, generator=generator)
+
+
 def _round_mantissa(bits, man, rounding, generator):
     """qtorch's round_bitwise: keep `man` mantissa bits, rounding half up in
     the last kept bit (nearest) or after adding uniform random lower bits
     (stochastic). Modifies and returns `bits` (contiguous int32)."""
     mask = (1 << (MANTISSA_BITS - man)) - 1
+    if torch.compiler.is_compiling() and (rounding == "nearest" or isinstance(generator, NoiseKey)):
+        # Out of place: Inductor fuses it all the same, and in-place updates of
+        # a dtype view before a copy into a graph input trip its CPU code
+        # generator (torch 2.14: KeyError in outer-loop fusion).
+        if rounding == "nearest":
+            return (bits + (1 << (MANTISSA_BITS - man - 1))) & ~mask
+        noise = (_counter_bits(bits.numel(), bits.device, generator) & mask).to(torch.int32)
+        return (bits + noise.view(bits.shape)) & ~mask
     if rounding == "nearest":
         bits += 1 << (MANTISSA_BITS - man - 1)
     else:
@@ -128,11 +167,15 @@ def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None, inplace
     # `wl` mantissa bits leave steps of 2^(e - wl + 2).
     base = _float(max_exponent) * 6
     rebased = x.add_(base) if inplace and x.is_contiguous() else (x + base).contiguous()
-    _round_mantissa(_bits(rebased), wl, rounding, generator)
+    bits = _bits(rebased)
+    rounded = _round_mantissa(bits, wl, rounding, generator)
+    if rounded is not bits:  # compiled: out of place
+        rebased = _float(rounded)
     largest = _float(max_exponent | _largest_mantissa(wl - 2))
     if not _decide_on_host(x.device) or bool((((max_exponent == 0) & (peak != 0))
                                              | (max_exponent >= OVERFLOWING_EXPONENT)).any()):
-        return rebased.copy_(_clip_exactly(rebased - base, max_exponent, largest))
+        clipped = _clip_exactly(rebased - base, max_exponent, largest)
+        return rebased.copy_(clipped) if rebased is x else clipped
     # qtorch clips whatever rounded past the block's exponent to the largest
     # magnitude with wl - 2 fraction bits. In a block with a normal exponent
     # nothing on the grid lies between that magnitude and 2^(e+1), so the clip
@@ -143,9 +186,10 @@ def block_quantize(x, wl, dim=-1, rounding="stochastic", generator=None, inplace
 def _decide_on_host(device):
     """Whether to read back if some block needs the bit-level clip, and clamp
     when none does. Reading a flag costs a CPU tensor nothing, but stalls a
-    GPU's launch queue until the kernels before it finish; there every block
-    takes the bit-level clip, which equals the clamp where a clamp would do."""
-    return device.type == "cpu"
+    GPU's launch queue until the kernels before it finish, and under
+    torch.compile it would break the graph; there every block takes the
+    bit-level clip, which equals the clamp where a clamp would do."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _clip_exactly(quantized, max_exponent, largest):
@@ -170,7 +214,7 @@ def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stoch
     scaled = x * 2.0 ** fl
     # qtorch computes nearbyint((float)(a + r) - 0.5) with a double 0.5 and
     # r = 0.5 for nearest, r uniform in [0, 1) for stochastic.
-    offset = 0.5 if rounding == "nearest" else torch.rand(x.shape, device=x.device, generator=generator)
+    offset = 0.5 if rounding == "nearest" else _uniform(x, generator)
     rounded = torch.round((scaled + offset).double() - 0.5).float()
     out = rounded * 2.0 ** -fl
     if clamp:
@@ -235,8 +279,7 @@ def minifloat_quantize(x, man, min_exponent, largest, rounding="stochastic", gen
         rounded = scaled.round_()
     else:
         rounded = torch.floor(scaled)
-        noise = torch.rand(x.shape, device=x.device, generator=generator)
-        rounded += noise < (scaled - rounded)
+        rounded += _uniform(x, generator) < (scaled - rounded)
     step = _float(field.sub_(man).bitwise_left_shift_(MANTISSA_BITS))
     return rounded.mul_(step).clamp_(-largest, largest)
 
@@ -267,3 +310,28 @@ def mx_quantize(blocks, man, min_exponent, emax, largest, rounding="stochastic",
     # elements keep few enough bits that scaling them back is exact.
     elements = minifloat_quantize(blocks * torch.ldexp(one, -shared), man, min_exponent, largest, rounding, generator)
     return elements.mul_(torch.ldexp(one, shared)).masked_fill_(~peak.isfinite(), float("nan"))
+
+
+E4M3_LARGEST, E4M3_SMALLEST = 448.0, 2.0 ** -6  # torchao clamps block factors at the smallest normal
+E2M1_LARGEST = 6.0
+
+
+def nvfp4_quantize(blocks, rounding="stochastic", generator=None):
+    """NVFP4 (formats.NVFP4Format) of the 2-D `blocks`, one block of 16 per
+    row, the tensor factor taken over all of them. The arithmetic follows
+    torchao's nvfp4_quantize step for step (its nearest rounding is the
+    reference, bit for bit): block factors rounded to E4M3 by torch's
+    float8 cast, the reciprocal of the combined factor multiplied in."""
+    _check(blocks, rounding)
+    if blocks.dim() != 2:
+        raise ValueError(f"NVFP4 blocks must be a 2-D tensor of rows, got {blocks.dim()} dimensions")
+    magnitude = blocks.abs()
+    peak = magnitude.amax()
+    # Nothing read back: a tensor of zeros takes the factor 1 (its elements
+    # stay 0), one holding inf or NaN is filled with NaN at the end.
+    tensor_scale = torch.where(peak > 0, peak / (E4M3_LARGEST * E2M1_LARGEST), torch.ones_like(peak))
+    block_scale = (magnitude.amax(dim=1, keepdim=True) / E2M1_LARGEST) / tensor_scale
+    block_scale = block_scale.clamp_(E4M3_SMALLEST, E4M3_LARGEST).to(torch.float8_e4m3fn).float()
+    scaled = (blocks * ((1.0 / tensor_scale) / block_scale)).clamp_(-E2M1_LARGEST, E2M1_LARGEST)
+    elements = minifloat_quantize(scaled, 1, 0, E2M1_LARGEST, rounding, generator)
+    return elements.mul_(tensor_scale * block_scale).masked_fill_(~peak.isfinite(), float("nan"))

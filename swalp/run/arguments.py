@@ -14,7 +14,7 @@ import math
 import os
 
 from swalp.data import DATASETS
-from swalp.quant import formats, kinds, specs
+from swalp.quant import formats, kinds, layers, specs
 from swalp.quant.kinds import BACKENDS, NUMBER_KINDS, ROUNDINGS, unquantized
 
 
@@ -55,6 +55,7 @@ def positive(kind):
 
 
 non_negative_int = number(int, lambda value: value >= 0, "0 or more")
+decay = number(float, lambda value: 0 < value < 1, "between 0 and 1")
 non_negative_float = number(float, lambda value: value >= 0, "0 or more")
 seed_value = number(int, lambda value: 0 <= value < 2 ** 32, "in 0..2^32-1")  # NumPy's limit
 
@@ -122,8 +123,16 @@ def build_parser(model_names=()):
                           help="number of epochs to train (default: 300; ImageNet: 90)")
     training.add_argument("--lr_init", type=positive(float), default=None, metavar="LR",
                           help="initial learning rate (default: 0.05; ImageNet: 0.1)")
+    training.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                          help="sgd (the paper), or adamw: Adam with decoupled weight decay (--wd), its first "
+                               "moment rounded as --format-momentum, its second as --format-moment2; choose its "
+                               "--lr_init and --swa_lr (the defaults are SGD's) (default: sgd)")
     training.add_argument("--momentum", type=non_negative_float, default=0.9, metavar="M",
                           help="SGD momentum (default: 0.9)")
+    training.add_argument("--beta1", type=decay, default=0.9, metavar="B", help="AdamW's beta1 (default: 0.9)")
+    training.add_argument("--beta2", type=decay, default=0.999, metavar="B", help="AdamW's beta2 (default: 0.999)")
+    training.add_argument("--eps", type=positive(float), default=1e-8, metavar="E",
+                          help="AdamW's epsilon (default: 1e-08)")
     training.add_argument("--wd", type=non_negative_float, default=None,
                           help="weight decay (default: 1e-4; ImageNet: 1e-4)")
     training.add_argument("--seed", type=seed_value, default=1, metavar="N",
@@ -161,6 +170,18 @@ def build_parser(model_names=()):
                                 "of c runs at (1 - i/c) a1 + (i/c) swa_lr (default: --lr_init)")
     averaging.add_argument("--swa_cycle_steps", type=non_negative_int, default=0, metavar="N",
                            help="cyclic schedule: iterations per cycle (default: 0, one epoch)")
+    averaging.add_argument("--average", default="swa", choices=("swa", "ema"),
+                           help="swa: the equal-weight average of the weights collected by the schedule (the "
+                                "paper); ema: an exponential moving average updated after every step from "
+                                "--ema_start on (torch's AveragedModel with get_ema_multi_avg_fn), kept in float32 "
+                                "whatever the weights' format; its BatchNorm statistics are recomputed and it is "
+                                "evaluated like the SWA model, in the swa columns (default: swa)")
+    averaging.add_argument("--ema_decay", type=decay, default=0.999, metavar="D",
+                           help="--average ema: each update keeps D of the average and adds 1 - D of the "
+                                "weights (default: 0.999)")
+    averaging.add_argument("--ema_start", type=non_negative_int, default=None, metavar="N",
+                           help="--average ema: the epochs before the first update; 0 averages from the first "
+                                "step (default: --swa_start)")
 
     lowp = parser.add_argument_group(
         "low precision", f"Number format specs (any case): {specs.GRAMMAR}. e<exp>m<man> is qtorch's "
@@ -172,13 +193,14 @@ def build_parser(model_names=()):
                       help="number format of every kind below, accumulator included (default: full precision)")
     for kind, what in (("weight", "weights"), ("activate", "activations"), ("grad", "gradients"),
                        ("error", "back-propagated errors"), ("momentum", "momentum buffers"),
-                       ("acc", "the gradient accumulator, a low-precision copy of the weights that SGD updates")):
+                       ("acc", "the gradient accumulator, a low-precision copy of the weights that SGD updates"),
+                       ("moment2", "AdamW's second moment, its running mean of squared gradients")):
         lowp.add_argument(f"--wl-{kind}", type=word_length, default=None, metavar="N",
                           help=f"block floating point word length in bits ({formats.MIN_WL}..{formats.MAX_WL}) "
                                f"for {what}; -1: {unquantized(kind)} (default: -1)")
         lowp.add_argument(f"--format-{kind}", default=None, metavar="SPEC",
                           help=f"number format of {what.split(',')[0]} (instead of --wl-{kind}; "
-                               f"overrides --format)")
+                               + ("--format does not set it)" if kind == "moment2" else "overrides --format)"))
     lowp.add_argument("--rounding", "--quant-type", dest="rounding", default="stochastic",
                       choices=ROUNDINGS,
                       help="rounding: stochastic or nearest (default: stochastic; "
@@ -194,6 +216,23 @@ def build_parser(model_names=()):
                            "with TRITON_INTERPRET=1), qtorch (qtorch's compiled C++/CUDA kernels, not "
                            "seedable), auto (triton on a CUDA device when it compiles, else torch) "
                            "(default: auto)")
+    lowp.add_argument("--compile", action="store_true",
+                      help="run the network's forward and backward and the optimizer's rounding under "
+                           "torch.compile: the torch kernels, fused into the layers around them (C++ on the CPU, "
+                           "Triton on CUDA), with the triton backend's counter-based noise; the first steps wait "
+                           "for the compiler")
+    lowp.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
+                      help="torch.compile's backend under --compile: inductor (generated code) or aot_eager (the "
+                           "same graphs run by PyTorch's kernels, without waiting for code generation: to check "
+                           "that a model compiles) (default: inductor)")
+    lowp.add_argument("--layer-format", action="append", default=None, metavar="RULE",
+                      help="formats of the layers a rule names, repeatable, later rules winning: PATTERN:SPEC "
+                           "(every kind, e.g. 'features.0:fp32') or PATTERN:KIND=SPEC,... (e.g. "
+                           "'classifier.*:weight=bfp16,activate=bfp16'); PATTERN is a glob on the module's "
+                           "qualified name, or first or last (the first and last convolution or linear layer); "
+                           "a rule reaches the modules it names and their submodules (default: none)")
+    lowp.add_argument("--list-layers", action="store_true",
+                      help="print the model's layers, their quantizer sites and the formats each gets, then exit")
     lowp.add_argument("--quant-placement", default="layer", choices=("layer", "relu"),
                       help="where activation/error quantizers go: layer: after every conv and linear "
                            "layer but the last (the seed); relu: after each ReLU, and before and after "
@@ -246,8 +285,11 @@ def parse_args(argv=None, model_names=(), imagenet_models=()):
     try:
         args.formats, args.format = kinds.per_kind(given_word_lengths(args), given_specs(args), args.format,
                                                    args.small_block, args.block_dim)
+        args.layer_rules = [layers.LayerRule.parse(rule).laid_out(args.small_block, args.block_dim)
+                            for rule in args.layer_format or []]
     except specs.FormatError as error:
-        parser.error(str(error))
+        parser.error(str(error) if str(error).startswith("argument") else f"argument --layer-format: {error}")
+    args.layer_format = [rule.text for rule in args.layer_rules] or None
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -291,7 +333,23 @@ def idle_flag(args, parser):
     if given("swa_c_epochs") and (args.swa_c_steps or args.swa_schedule == "cyclic"):
         return ("--swa_c_epochs does nothing when averaging every --swa_c_steps iterations "
                 "(or every cycle of the cyclic schedule); pass one of them")
-    if args.momentum == 0 and (args.wl_momentum not in (None, -1) or args.format_momentum):
+    if given("compile_backend") and not args.compile:
+        return "--compile-backend applies only with --compile"
+    if args.compile and args.quant_backend not in ("auto", "torch"):
+        return (f"--compile rounds with the torch kernels under the compiler, not --quant-backend "
+                f"{args.quant_backend}; drop one of the two")
+    if args.average == "swa":
+        for key in ("ema_decay", "ema_start"):
+            if given(key):
+                return f"{flag_name(key)} applies only to --average ema"
+    elif given("swa_c_epochs") or given("swa_c_steps"):
+        return "--swa_c_epochs and --swa_c_steps do nothing with --average ema, which averages after every step"
+    optimizer_flags = {"sgd": ("momentum",), "adamw": ("beta1", "beta2", "eps", "wl_moment2", "format_moment2")}
+    for optimizer, keys in optimizer_flags.items():
+        for key in keys:
+            if args.optimizer != optimizer and given(key):
+                return f"{flag_name(key)} applies only to --optimizer {optimizer}"
+    if args.optimizer == "sgd" and args.momentum == 0 and (args.wl_momentum not in (None, -1) or args.format_momentum):
         flag = "--wl-momentum" if args.wl_momentum not in (None, -1) else "--format-momentum"
         return f"{flag} does nothing with --momentum 0 (there are no momentum buffers)"
     return None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from swalp.errors import UserError, first_line
+from swalp.quant import kinds
 from swalp.quant.kinds import NUMBER_KINDS
 from swalp.run import arguments, distributed, rng
 from swalp.run.checkpoint_files import content_checksum, list_checkpoints
@@ -30,13 +31,16 @@ from swalp.run.checkpoint_files import content_checksum, list_checkpoints
 # What a checkpoint holds; "checksum" seals the rest.
 CHECKPOINT_KEYS = {"epoch", "step", "config", "model_state", "swa_state", "optimizer_state", "weight_acc",
                    "noise_step", "rng", "loader_generator", "history", "epoch_totals", "world_size", "checksum"}
+# The optimizer's state a checkpoint holds per parameter: SGD's momentum, AdamW's moments.
+MOMENTS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 # The parts that are numbers of the network; NaN or inf there is never a state a run can continue from.
 NUMERIC_PARTS = ("model_state", "swa_state", "optimizer_state", "weight_acc")
 # Flags a resumed run must share with its checkpoint: they shape the state or
 # the randomness, the data order or the schedule it continues.
 STATE_DEFINING = ("dataset", "model", "batch_size", "seed", "lr_init", "momentum", "wd", "swa_start", "swa_lr",
                   "swa_c_epochs", "swa_c_steps", "swa_schedule", "swa_lr_max", "swa_cycle_steps", "rounding",
-                  "small_block", "block_dim", "quant_placement", "loader", "tf32") + tuple(
+                  "small_block", "block_dim", "quant_placement", "loader", "tf32", "layer_format", "average",
+                  "ema_decay", "ema_start", "optimizer", "beta1", "beta2", "eps", "compile") + tuple(
     f"{flag}_{kind}" for flag in ("wl", "format") for kind in NUMBER_KINDS)
 
 
@@ -63,16 +67,14 @@ class TrainingState:
         self.history = []
 
     def accumulators(self):
-        if self.optimizer.acc_quant is None:
-            return []
-        return [self.optimizer.weight_acc[p] for p in self.net.parameters()]
+        """The parameters' accumulators, in parameter order (those that have one)."""
+        return [self.optimizer.weight_acc[p] for p in self.net.parameters() if p in self.optimizer.weight_acc]
 
     def replica_digest(self):
         """A checksum of the bits of everything replicas must share: weights,
         SWA weights, momentum buffers and accumulators."""
         tensors = [*self.net.parameters(), *self.swa_model.parameters(), *self.accumulators(),
-                   *(state["momentum_buffer"] for state in self.optimizer.optim.state.values()
-                     if state.get("momentum_buffer") is not None)]
+                   *(state[key] for state in self.optimizer.optim.state.values() for key in MOMENTS if key in state)]
         return sum(int(t.detach().contiguous().view(torch.int32).to(torch.int64).sum()) for t in tensors)
 
     def state_dict(self):
@@ -121,11 +123,9 @@ class TrainingState:
             self.optimizer.optim.load_state_dict(checkpoint["optimizer_state"])
         except (KeyError, RuntimeError, ValueError) as error:
             raise UserError(f"checkpoint {path} does not match this model ({first_line(error)})") from None
-        # Optimizer.load_state_dict replaces the group list; OptimLP must see the new one.
-        self.optimizer.param_groups = self.optimizer.optim.param_groups
-        if self.optimizer.acc_quant is not None:
-            for param, accumulator in zip(self.net.parameters(), checkpoint["weight_acc"]):
-                self.optimizer.weight_acc[param] = accumulator.to(param.device)
+        with_accumulators = [p for p in self.net.parameters() if p in self.optimizer.weight_acc]
+        for param, accumulator in zip(with_accumulators, checkpoint["weight_acc"]):
+            self.optimizer.weight_acc[param] = accumulator.to(param.device)
         self.optimizer.noise.seek(checkpoint["noise_step"])
         # The same process count continues exactly; another one takes rank 0's generators.
         generators = checkpoint["rng"]
@@ -148,8 +148,9 @@ def check_resumable(checkpoint, path, args, world=distributed.World()):
         raise UserError(f"checkpoint {path} is malformed: config must be a dict, found {type(saved).__name__}")
     current = arguments.config(args)
     parser = arguments.build_parser()
+    absent = {**{key: parser.get_default(key) for key in STATE_DEFINING}, **kinds.record({})}
     for key in STATE_DEFINING:
-        value = saved.get(key, parser.get_default(key))  # a flag newer than the checkpoint: its default
+        value = saved.get(key, absent[key])  # a flag newer than the checkpoint: its default
         if value != current[key]:
             raise UserError(f"checkpoint {path} was written with {arguments.flag_name(key)} {value}, "
                             f"this run has {current[key]}; resume with the same flags")
@@ -314,10 +315,11 @@ def check_structure(checkpoint, model_state, swa_state, parameter_shapes, accumu
         if not isinstance(index, int) or not 0 <= index < len(parameter_shapes) or not isinstance(state, dict):
             raise Rejected(f"optimizer_state['state'] has entry {index!r}; this model has parameters "
                            f"0..{len(parameter_shapes) - 1}")
-        buffer = state.get("momentum_buffer")
-        if buffer is not None and (not isinstance(buffer, torch.Tensor) or buffer.shape != parameter_shapes[index]):
-            raise Rejected(f"optimizer_state['state'][{index}]['momentum_buffer'] must be a tensor of shape "
-                           f"{list(parameter_shapes[index])}, found {_shape(buffer)}")
+        for key in MOMENTS:
+            buffer = state.get(key)
+            if buffer is not None and (not isinstance(buffer, torch.Tensor) or buffer.shape != parameter_shapes[index]):
+                raise Rejected(f"optimizer_state['state'][{index}][{key!r}] must be a tensor of shape "
+                               f"{list(parameter_shapes[index])}, found {_shape(buffer)}")
     if len(checkpoint["weight_acc"]) != len(accumulators):
         raise Rejected(f"weight_acc must hold {len(accumulators)} accumulators, found {len(checkpoint['weight_acc'])}")
     for index, (found, expected) in enumerate(zip(checkpoint["weight_acc"], accumulators)):

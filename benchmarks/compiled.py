@@ -1,0 +1,132 @@
+"""What does --compile buy? Eager against torch.compile, full precision and 8 bits.
+
+(a) Seconds per VGG16 training step on synthetic CIFAR-size data (median of
+    --steps after the compiling ones), full precision and 8 bits (weights,
+    activations, gradients, errors, momentum in bfp8, stochastic rounding),
+    eager (the torch backend) and compiled (`--compile`: the network's
+    forward and backward and the optimizer's rounding under torch.compile,
+    Inductor), with the seconds the first step took while compiling.
+(b) 8-bit stochastic block rounding of a 128x64x32x32 tensor, compiled and
+    eager, against a copy of it (ms per call): `clone()`, as the speed
+    reference measures it, and into a tensor allocated before.
+
+Targets: the compiled 8-bit step within 1.15x of the compiled full-precision
+step, compiled rounding within 1.5x of a copy. Prints tables and writes JSON:
+
+    python -m benchmarks.compiled [--device cpu|cuda] [--batch-size 128] [--steps 5] [--json PATH]
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import tabulate
+import torch
+import torch.nn.functional as F
+
+import models
+import swalp
+from benchmarks.quantization_speed import median_seconds, synchronize
+from swalp.quant import specs
+from swalp.quant.backends import COMPILED_BACKEND, TORCH_BACKEND
+from swalp.quant.optim import compile_rounding
+
+KINDS = ("weight", "grad", "momentum")
+
+
+def training_step(spec, compiled, device, batch_size):
+    """One VGG16 training step (a closure) in `spec` (None: full precision), compiled or not."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = models.build_model("VGG16", num_classes=10).to(device)
+    noise = swalp.StepNoise(0)
+    backend = COMPILED_BACKEND if compiled else TORCH_BACKEND
+    swalp.quantize_model(net, spec, spec, backend=backend, noise=noise)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    optimizer = swalp.wrap_optimizer(sgd, **dict.fromkeys(KINDS, spec), backend=backend, noise=noise)
+    if compiled:
+        net.compile(dynamic=False)
+    inputs = torch.randn(batch_size, 3, 32, 32, device=device)
+    targets = torch.randint(0, 10, (batch_size,), device=device)
+
+    def step():
+        optimizer.zero_grad()
+        F.cross_entropy(net(inputs), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def step_row(spec, compiled, device, batch_size, steps):
+    step = training_step(spec, compiled, device, batch_size)
+    began = time.perf_counter()
+    step()  # compiles, when compiled
+    synchronize(device)
+    first = time.perf_counter() - began
+    return {"precision": spec or "fp32", "mode": "compiled" if compiled else "eager",
+            "seconds_per_step": median_seconds(step, device, steps), "first_step_seconds": first}
+
+
+def rounding_rows(device, repeats):
+    """ms per call: a copy, and 8-bit stochastic block rounding compiled and eager."""
+    torch._dynamo.reset()
+    x = torch.randn(128, 64, 32, 32, device=device)
+    out = torch.empty_like(x)
+    bfp8 = specs.parse("bfp8")
+    noise = swalp.StepNoise(0)
+    key = noise.key(identity=0, stream=0, step=noise.step_tensor(device))
+
+    def compiled_round(tensor):
+        return bfp8.quantize(tensor, "stochastic", COMPILED_BACKEND, key)
+
+    compiled = compile_rounding(compiled_round)
+    began = time.perf_counter()
+    compiled(x)
+    synchronize(device)
+    compile_seconds = time.perf_counter() - began
+    eager_key = key._replace(step=0)
+    timings = {"copy (clone, the speed reference)": x.clone, "compiled rounding": lambda: compiled(x),
+               "eager rounding (counter-based noise)": lambda: bfp8.quantize(x, "stochastic", TORCH_BACKEND,
+                                                                              eager_key),
+               "eager rounding (torch backend)": lambda: bfp8.quantize(x, "stochastic", TORCH_BACKEND),
+               "copy into a tensor allocated before": lambda: out.copy_(x)}
+    rows = [{"operation": name, "ms": 1e3 * median_seconds(function, device, repeats)}
+            for name, function in timings.items()]
+    for row in rows:
+        row["x copy"] = row["ms"] / rows[0]["ms"]
+    return rows, compile_seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed roundings (median)")
+    parser.add_argument("--json", default=os.path.join("benchmarks", "results", "compiled.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    steps = [step_row(spec, compiled, device, args.batch_size, args.steps)
+             for spec in (None, "bfp8") for compiled in (False, True)]
+    by = {(row["precision"], row["mode"]): row["seconds_per_step"] for row in steps}
+    for row in steps:
+        row["x compiled fp32"] = row["seconds_per_step"] / by[("fp32", "compiled")]
+    print(f"VGG16, batch {args.batch_size}, {device} ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(tabulate.tabulate(steps, headers="keys", floatfmt=".3f", tablefmt="github"))
+    rounding, compile_seconds = rounding_rows(device, args.repeats)
+    print(f"\nbfp8 stochastic rounding of a 128x64x32x32 tensor (compiling it took {compile_seconds:.1f} s)")
+    print(tabulate.tabulate(rounding, headers="keys", floatfmt=".2f", tablefmt="github"))
+    ratio = by[("bfp8", "compiled")] / by[("fp32", "compiled")]
+    print(f"\ncompiled 8-bit step / compiled fp32 step: {ratio:.2f} (target 1.15); compiled rounding / copy: "
+          f"{rounding[1]['x copy']:.2f} (target 1.5)")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as handle:
+        json.dump({"device": str(device), "batch_size": args.batch_size, "steps": steps, "rounding": rounding,
+                   "rounding_compile_seconds": compile_seconds, "torch": torch.__version__}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
