@@ -2,9 +2,10 @@
 rounding under torch.compile, with counter-based noise.
 
 Tracing is what costs here (tens of seconds for PreResNet20 on two cores),
-so most tests trace with the aot_eager backend, which runs the very graphs
-Inductor would compile, and one compiles with Inductor the roundings of
-every format, checked bit for bit against eager."""
+so the tests trace with the aot_eager backend, which runs the very graphs
+Inductor would compile (forward and backward), or for whole runs with
+Dynamo's capture alone (eager); one compiles with Inductor the roundings of
+every kernel and block layout, checked bit for bit against eager."""
 
 import dataclasses
 import json
@@ -117,8 +118,11 @@ EDGE_CASES = torch.tensor([
      -6.0, 6.0],
     [float("inf"), 1.0, float("-inf"), 2.0, float("nan"), -3.0, 0.5, 0.25, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
 ])
-# A format of each kernel and block layout (bfp6/4: blocks of 4 along each row).
-SPECS = ["bfp8", "bfp6/4", "fixed8.6", "e4m3", "fp8e5m2", "mxfp8", "mxfp4", "nvfp4"]
+# A format of each kernel and block layout (bfp6/4: blocks of 4 along each
+# row), rounded to nearest; stochastically those of each way of drawing noise
+# (random low bits added to the bit pattern; a uniform compared or added).
+NEAREST = ["bfp8", "bfp6/4", "fixed8.6", "e4m3", "fp8e5m2", "mxfp8", "mxfp4", "nvfp4"]
+STOCHASTIC = ["bfp8", "fixed8.6", "e4m3", "nvfp4"]
 
 
 def same_bits(expected, actual):
@@ -127,32 +131,38 @@ def same_bits(expected, actual):
 
 
 def test_inductor_rounds_every_format_as_eager_does_nearest_and_stochastic():
-    number_formats = [specs.parse(spec) for spec in SPECS]
     bfp8 = specs.parse("bfp8")
-    number_formats += [dataclasses.replace(bfp8, small_block="FC"), dataclasses.replace(bfp8, block_dim="BC")]
+    layouts = [dataclasses.replace(bfp8, small_block="FC"), dataclasses.replace(bfp8, block_dim="BC")]
+    cases = [(specs.parse(spec), "nearest") for spec in NEAREST] + [(f, "nearest") for f in layouts]
+    cases += [(specs.parse(spec), "stochastic") for spec in STOCHASTIC]
     step = torch.tensor(5)
     key = NoiseKey(seed=3, identity=7, step=step, domain=1)
-    tensors = [EDGE_CASES, EDGE_CASES[0] * 3]
+
+    def operand(number_format, rounding):
+        # One scale per tensor: NVFP4's noise shows only where no inf or huge value sets it.
+        return EDGE_CASES[:1] if rounding == "stochastic" and number_format.spec == "nvfp4" else EDGE_CASES
 
     def round_all():
-        return [number_format.quantize(tensor, rounding, COMPILED_BACKEND, key if rounding == "stochastic" else None)
-                for number_format in number_formats for rounding in ("nearest", "stochastic") for tensor in tensors]
+        return [number_format.quantize(operand(number_format, rounding), rounding, COMPILED_BACKEND,
+                                       key if rounding == "stochastic" else None)
+                for number_format, rounding in cases]
 
     eager = round_all()
     compiled = compile_rounding(round_all)()
-    assert len(eager) == len(compiled) == 2 * len(tensors) * len(number_formats)
-    for index, (expected, actual) in enumerate(zip(eager, compiled)):
-        assert same_bits(expected, actual), (number_formats[index // (2 * len(tensors))], index)
+    assert len(eager) == len(compiled) == len(cases)
+    for case, expected, actual in zip(cases, eager, compiled):
+        assert same_bits(expected, actual), case
     step.fill_(6)  # the next step: new noise, from the same compiled code
     assert counters["stats"]["unique_graphs"] == 1
     again = compile_rounding(round_all)()
     assert all(same_bits(expected, actual) for expected, actual in zip(round_all(), again))
-    assert not all(same_bits(expected, actual) for expected, actual in zip(compiled, again))
+    drawn = [index for index, (_, rounding) in enumerate(cases) if rounding == "stochastic"]
+    assert [cases[index] for index in drawn if same_bits(compiled[index], again[index])] == []
 
 
 # Batches of 10 divide the 40 training and 20 test images: one shape, no recompilation.
-COMPILED_RUN = ["--dataset", "CIFAR10", "--model", "Tiny", "--epochs", 2, "--swa_start", 1, "--batch_size", 10,
-                "--num_workers", 0, "--format", "bfp8", "--compile", "--compile-backend", "aot_eager"]
+COMPILED_RUN = ["--dataset", "CIFAR10", "--model", "Tiny", "--epochs", 1, "--swa_start", 1, "--batch_size", 10,
+                "--num_workers", 0, "--format", "bfp8", "--compile", "--compile-backend", "eager"]
 
 
 def test_a_compiled_run_repeats_and_resumes_mid_epoch_exactly(train_fast, tmp_path, monkeypatch):
@@ -171,7 +181,7 @@ def test_a_compiled_run_repeats_and_resumes_mid_epoch_exactly(train_fast, tmp_pa
     result = train_fast(*flags, "--dir", resumed, "--resume", checkpoint)
     assert result.returncode == 0, result.stderr
     assert "after epoch 0, step 2" in result.stdout
-    assert_same_run(whole, resumed, epochs=2)  # so the run repeats, and resumes mid-epoch exactly
+    assert_same_run(whole, resumed, epochs=1)  # so the run repeats, and resumes mid-epoch exactly
 
     eager = train_fast(*flags[:flags.index("--compile")], "--data_path", train_fast.data_path, "--dir", tmp_path / "e",
                        "--resume", whole / "checkpoint-1.pt")
@@ -190,8 +200,8 @@ def test_compile_refuses_the_other_backends_and_an_idle_compile_backend(train_in
 def test_two_gloo_ranks_training_compiled_stay_bit_identical(fake_cifar_env, cifar_root, tmp_path):
     run_dir = tmp_path / "ddp"
     result = torchrun(fake_cifar_env, "--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 1,
-                      "--swa_start", 1, "--batch_size", 4, "--num_workers", 0, "--wl-weight", 8, "--wl-grad", 8,
-                      "--save_every_steps", 2, "--compile", "--compile-backend", "aot_eager",
+                      "--swa_start", 1, "--batch_size", 5, "--num_workers", 0, "--wl-weight", 8, "--wl-grad", 8,
+                      "--save_every_steps", 2, "--compile", "--compile-backend", "eager",
                       "--data_path", cifar_root, "--dir", run_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checkpoint = torch.load(run_dir / "checkpoint-1.pt", weights_only=True)

@@ -221,10 +221,11 @@ def build_parser(model_names=()):
                            "torch.compile: the torch kernels, fused into the layers around them (C++ on the CPU, "
                            "Triton on CUDA), with the triton backend's counter-based noise; the first steps wait "
                            "for the compiler")
-    lowp.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
-                      help="torch.compile's backend under --compile: inductor (generated code) or aot_eager (the "
-                           "same graphs run by PyTorch's kernels, without waiting for code generation: to check "
-                           "that a model compiles) (default: inductor)")
+    lowp.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                      help="torch.compile's backend under --compile: inductor (generated code), aot_eager (the "
+                           "same graphs, forward and backward, run by PyTorch's kernels, without waiting for code "
+                           "generation: to check that a model compiles) or eager (Dynamo's capture alone, the "
+                           "quickest check) (default: inductor)")
     lowp.add_argument("--layer-format", action="append", default=None, metavar="RULE",
                       help="formats of the layers a rule names, repeatable, later rules winning: PATTERN:SPEC "
                            "(every kind, e.g. 'features.0:fp32') or PATTERN:KIND=SPEC,... (e.g. "
