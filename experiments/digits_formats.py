@@ -20,7 +20,7 @@ import os
 
 import tabulate
 
-from experiments.digits_runs import finished, spread, train_once, write_summary
+from experiments.digits_runs import each_run, spread, write_summary
 
 EDGES_FP32 = ["--layer-format", "first:fp32", "--layer-format", "last:fp32"]
 COLUMNS = ("SGD", "SWA", "EMA")
@@ -68,21 +68,17 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true", help="print the table of the runs done, train nothing")
     args, extra = parser.parse_known_args(argv)
     extra = [flag for flag in extra if flag != "--"]
+    base = ["--dataset", "digits", "--model", "PreResNet20", "--loader", "batched", "--eval_freq", "6"]
+    configurations = [(name, [*base, *flags, *extra], label) for label, name, flags in runs(args.formats,
+                                                                                              args.ema_decay)]
     summary = []
-    for seed in args.seeds:
-        for label, name, flags in runs(args.formats, args.ema_decay):
-            run_dir = os.path.join(args.out, name, f"seed{seed}")
-            if args.report and finished(run_dir) is None:
-                continue
-            argv = ["--dataset", "digits", "--model", "PreResNet20", "--seed", str(seed), "--loader", "batched",
-                    "--eval_freq", "6", *flags, *extra]
-            results = train_once(run_dir, argv)
-            seconds = results.get("seconds")
-            summary.append({"row": label, "name": name, "seed": seed, "seconds": seconds,
-                            "sgd_error": results["sgd_error"], "swa_error": results["swa_error"]})
-            if not args.report:
-                print(f"{name} seed {seed}: SGD {results['sgd_error']:.2f} %, averaged {results['swa_error']:.2f} % "
-                      f"({seconds:.0f} s)", flush=True)
+    for seed, (name, _, label), results in each_run(args.out, args.seeds, configurations, args.report):
+        seconds = results.get("seconds")
+        summary.append({"row": label, "name": name, "seed": seed, "seconds": seconds,
+                        "sgd_error": results["sgd_error"], "swa_error": results["swa_error"]})
+        if not args.report:
+            print(f"{name} seed {seed}: SGD {results['sgd_error']:.2f} %, averaged {results['swa_error']:.2f} % "
+                  f"({seconds:.0f} s)", flush=True)
     return write_summary(args.out, summary, table)
 
 

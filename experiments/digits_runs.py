@@ -38,6 +38,20 @@ def train_once(run_dir, argv):
     return results
 
 
+def each_run(out, seeds, configurations, report=False):
+    """(seed, configuration, results.json) of every seed and configuration
+    (a tuple whose first items are its run name and train.py flags): the run
+    in OUT/NAME/seed<SEED>, trained unless it finished before; with
+    `report`, only those that finished."""
+    for seed in seeds:
+        for configuration in configurations:
+            name, argv = configuration[:2]
+            run_dir = os.path.join(out, name, f"seed{seed}")
+            if report and finished(run_dir) is None:
+                continue
+            yield seed, configuration, train_once(run_dir, [*argv, "--seed", str(seed)])
+
+
 def spread(values):
     """'mean ± sample std' of the values given (one value alone, None for none)."""
     values = [value for value in values if value is not None]

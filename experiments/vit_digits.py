@@ -24,7 +24,7 @@ import statistics
 
 import tabulate
 
-from experiments.digits_runs import finished, spread, train_once, write_summary
+from experiments.digits_runs import each_run, spread, write_summary
 
 OPTIMIZERS = {
     "SGD": ["--optimizer", "sgd", "--lr_init", "0.05", "--swa_lr", "0.01", "--wd", "5e-4"],
@@ -68,21 +68,17 @@ def main(argv=None):
     extra = [flag for flag in extra if flag != "--"]
     schedule = ["--epochs", str(args.epochs), "--swa_start", str(round(0.6 * args.epochs)),
                 "--eval_freq", str(args.epochs)]
+    base = ["--dataset", args.dataset, "--model", "ViT", "--loader", "batched", *schedule]
+    configurations = [(name, [*base, *flags, *extra], optimizer, spec) for optimizer, spec, name, flags
+                      in runs(args.formats)]
     summary = []
-    for seed in args.seeds:
-        for optimizer, spec, name, flags in runs(args.formats):
-            run_dir = os.path.join(args.out, name, f"seed{seed}")
-            if args.report and finished(run_dir) is None:
-                continue
-            argv = ["--dataset", args.dataset, "--model", "ViT", "--seed", str(seed), "--loader", "batched", *schedule,
-                    *flags, *extra]
-            results = train_once(run_dir, argv)
-            epoch_seconds = statistics.fmean(record["train_time"] for record in results["epochs"])
-            summary.append({"optimizer": optimizer, "format": spec, "seed": seed, "epoch_seconds": epoch_seconds,
-                            "sgd_error": results["sgd_error"], "swa_error": results["swa_error"]})
-            if not args.report:
-                print(f"{name} seed {seed}: final {results['sgd_error']:.2f} %, SWA {results['swa_error']:.2f} % "
-                      f"({epoch_seconds:.0f} s per epoch)", flush=True)
+    for seed, (name, _, optimizer, spec), results in each_run(args.out, args.seeds, configurations, args.report):
+        epoch_seconds = statistics.fmean(record["train_time"] for record in results["epochs"])
+        summary.append({"optimizer": optimizer, "format": spec, "seed": seed, "epoch_seconds": epoch_seconds,
+                        "sgd_error": results["sgd_error"], "swa_error": results["swa_error"]})
+        if not args.report:
+            print(f"{name} seed {seed}: final {results['sgd_error']:.2f} %, SWA {results['swa_error']:.2f} % "
+                  f"({epoch_seconds:.0f} s per epoch)", flush=True)
     return write_summary(args.out, summary, table)
 
 

@@ -171,9 +171,12 @@ def test_a_compiled_run_repeats_and_resumes_mid_epoch_exactly(train_fast, tmp_pa
     monkeypatch.setattr(models, "build_model", lambda name, classes: Tiny(classes) if name == "Tiny"
                         else build_model(name, classes))
     flags = [*COMPILED_RUN, "--data_path", train_fast.data_path]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    result = train_fast(*flags, "--dir", whole)
+    monkeypatch.chdir(tmp_path)
+    result = train_fast(*flags)  # in the default run directory, which says it is compiled
     assert result.returncode == 0, result.stderr
+    [whole] = (tmp_path / "runs").iterdir()
+    assert whole.name.startswith("CIFAR10-Tiny-") and whole.name.endswith("-compiled-seed1")
+    resumed = tmp_path / "resumed"
     assert "compiled  : torch.compile (counter-based noise)" in result.stdout
     assert json.loads((whole / "results.json").read_text())["config"]["compile"] is True
 

@@ -150,7 +150,7 @@ def _small_cpu_kernels(arguments=24):
     one function until it takes 500 arguments: here the rounding of every
     tensor of a network, tens of thousands of lines, which gcc 12 fails to
     compile (an internal compiler error in loop unrolling). Meanwhile a
-    function ends after `arguments`, a few tensors, at no measurable cost."""
+    function ends after `arguments`: a few tensors."""
     try:
         from torch._inductor.codegen.cpp import CppScheduling
         before = CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM
