@@ -33,10 +33,13 @@ def test_the_formats_table_gives_mean_and_std_per_layout_and_average():
 
 
 def test_the_vit_runner_pairs_each_optimizer_with_each_format():
-    configurations = list(vit_digits.runs(["bfp8"]))
-    assert [name for _, _, name, _ in configurations] == ["sgd-fp32", "adamw-fp32", "sgd-bfp8", "adamw-bfp8"]
-    for _, _, _, extra in configurations:
-        train.parse_args(["--dataset", "digits", "--model", "ViT", *extra])
+    configurations = vit_digits.configurations("digits", 10, ["bfp8"], ["--seed", "7"])
+    assert [name for name, *_ in configurations] == ["sgd-fp32", "adamw-fp32", "sgd-bfp8", "adamw-bfp8"]
+    for name, argv, optimizer, spec in configurations:
+        args = train.parse_args(argv)
+        assert (args.model, args.optimizer, args.epochs, args.swa_start, args.seed) == (
+            "ViT", optimizer.lower(), 10, 6, 7)
+        assert args.format == (None if spec == "fp32" else spec)
 
 
 def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
