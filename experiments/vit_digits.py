@@ -7,8 +7,9 @@ stochastic rounding, `--small-block FC`, batches of 32 (42 steps per epoch
 on the digits); the SWALP schedule and the SWA average as for the CNNs.
 Prints test error, mean ± sample standard deviation over the seeds, of the
 optimizer's final model of its decaying schedule (the "SGD" column of the
-paper: SGD-LP, AdamW-LP) and of the SWA model, with the mean epoch time. Finished runs are read, not run again; `--report` prints
-the table of the runs finished so far.
+paper: SGD-LP, AdamW-LP) and of the SWA model, with the mean epoch time.
+Finished runs are read, not run again; `--report` prints the table of the
+runs finished so far.
 
     python -m experiments.vit_digits [--seeds 1 2 3] [--formats bfp8 mxfp8] [--epochs 20] [--out DIR]
         [--report] [-- train.py flags]
