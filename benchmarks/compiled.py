@@ -8,12 +8,14 @@
     Inductor), with the seconds the first step took while compiling.
 (b) 8-bit stochastic block rounding of a 128x64x32x32 tensor, compiled and
     eager, against a copy of it (ms per call): `clone()`, as the speed
-    reference measures it, and into a tensor allocated before.
+    reference measures it, and into a tensor allocated before; and compiled
+    nearest rounding, the same passes over memory without the noise.
 
 Targets: the compiled 8-bit step within 1.15x of the compiled full-precision
 step, compiled rounding within 1.5x of a copy. Prints tables and writes JSON:
 
-    python -m benchmarks.compiled [--device cpu|cuda] [--batch-size 128] [--steps 5] [--json PATH]
+    python -m benchmarks.compiled [--device cpu|cuda] [--batch-size 128] [--steps 5] [--sections steps rounding]
+        [--json PATH]
 """
 
 import argparse
@@ -34,6 +36,7 @@ from swalp.quant.backends import COMPILED_BACKEND, TORCH_BACKEND
 from swalp.quant.optim import compile_rounding
 
 KINDS = ("weight", "grad", "momentum")
+SECTIONS = ("steps", "rounding")
 
 
 def training_step(spec, compiled, device, batch_size):
@@ -81,13 +84,18 @@ def rounding_rows(device, repeats):
     def compiled_round(tensor):
         return bfp8.quantize(tensor, "stochastic", COMPILED_BACKEND, key)
 
+    def compiled_round_nearest(tensor):
+        return bfp8.quantize(tensor, "nearest", COMPILED_BACKEND)
+
     compiled = compile_rounding(compiled_round)
     began = time.perf_counter()
     compiled(x)
     synchronize(device)
     compile_seconds = time.perf_counter() - began
+    compiled_nearest = compile_rounding(compiled_round_nearest)
     eager_key = key._replace(step=0)
     timings = {"copy (clone, the speed reference)": x.clone, "compiled rounding": lambda: compiled(x),
+               "compiled nearest rounding (no noise: the passes alone)": lambda: compiled_nearest(x),
                "eager rounding (counter-based noise)": lambda: bfp8.quantize(x, "stochastic", TORCH_BACKEND,
                                                                               eager_key),
                "eager rounding (torch backend)": lambda: bfp8.quantize(x, "stochastic", TORCH_BACKEND),
@@ -105,27 +113,34 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
     parser.add_argument("--repeats", type=int, default=10, help="timed roundings (median)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="steps: (a), rounding: (b)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "compiled.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
-    steps = [step_row(spec, compiled, device, args.batch_size, args.steps)
-             for spec in (None, "bfp8") for compiled in (False, True)]
-    by = {(row["precision"], row["mode"]): row["seconds_per_step"] for row in steps}
-    for row in steps:
-        row["x compiled fp32"] = row["seconds_per_step"] / by[("fp32", "compiled")]
-    print(f"VGG16, batch {args.batch_size}, {device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(tabulate.tabulate(steps, headers="keys", floatfmt=".3f", tablefmt="github"))
-    rounding, compile_seconds = rounding_rows(device, args.repeats)
-    print(f"\nbfp8 stochastic rounding of a 128x64x32x32 tensor (compiling it took {compile_seconds:.1f} s)")
-    print(tabulate.tabulate(rounding, headers="keys", floatfmt=".2f", tablefmt="github"))
-    ratio = by[("bfp8", "compiled")] / by[("fp32", "compiled")]
-    print(f"\ncompiled 8-bit step / compiled fp32 step: {ratio:.2f} (target 1.15); compiled rounding / copy: "
-          f"{rounding[1]['x copy']:.2f} (target 1.5)")
+    print(f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}")
+    report = {"device": str(device), "batch_size": args.batch_size, "torch": torch.__version__}
+    if "steps" in args.sections:
+        steps = [step_row(spec, compiled, device, args.batch_size, args.steps)
+                 for spec in (None, "bfp8") for compiled in (False, True)]
+        by = {(row["precision"], row["mode"]): row["seconds_per_step"] for row in steps}
+        for row in steps:
+            row["x compiled fp32"] = row["seconds_per_step"] / by[("fp32", "compiled")]
+        print(f"VGG16, batch {args.batch_size}")
+        print(tabulate.tabulate(steps, headers="keys", floatfmt=".3f", tablefmt="github"))
+        print(f"compiled 8-bit step / compiled fp32 step: "
+              f"{by[('bfp8', 'compiled')] / by[('fp32', 'compiled')]:.2f} (target 1.15)\n")
+        report["steps"] = steps
+    if "rounding" in args.sections:
+        rounding, compile_seconds = rounding_rows(device, args.repeats)
+        print(f"bfp8 stochastic rounding of a 128x64x32x32 tensor (compiling it took {compile_seconds:.1f} s)")
+        print(tabulate.tabulate(rounding, headers="keys", floatfmt=".2f", tablefmt="github"))
+        print(f"compiled rounding / copy: {rounding[1]['x copy']:.2f} (target 1.5)")
+        report.update(rounding=rounding, rounding_compile_seconds=compile_seconds)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as handle:
-        json.dump({"device": str(device), "batch_size": args.batch_size, "steps": steps, "rounding": rounding,
-                   "rounding_compile_seconds": compile_seconds, "torch": torch.__version__}, handle, indent=1)
+        json.dump(report, handle, indent=1)
 
 
 if __name__ == "__main__":
