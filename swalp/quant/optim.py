@@ -12,10 +12,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from swalp.quant.backends import TORCH_BACKEND, Backend
+from swalp.quant.backends import Backend
 from swalp.quant.layers import formats_for, layer_names
 from swalp.quant.noise import StepNoise
-from swalp.quant.quantizer import as_quantizer, backend_for
+from swalp.quant.quantizer import quantizer_maker
 
 # The counter-based noise's identity of each kind's batch (8 apart for each
 # further group of the kind that shares another quantizer).
@@ -201,17 +201,7 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, *, weight=None, grad=None, 
     layers = layer_names(model) if rules else []
     per_param = {id(p): formats_for(owner.get(id(p), ""), defaults, rules, layers) for p in params}
     values = [value for chosen in per_param.values() for value in chosen.values()]
-    chosen_backend = backend_for(backend, params[0].device if params else "cpu", values, rounding)
-    if backend == "compiled" or getattr(chosen_backend, "step_tensor", False):
-        noise.step_tensor(params[0].device if params else "cpu")
-    fallback = fallback if fallback is not None else (TORCH_BACKEND if backend == "auto" else None)
-    made = {}
-
-    def quantizer(value):
-        key = id(value) if callable(value) else value
-        if key not in made:
-            made[key] = as_quantizer(value, rounding, chosen_backend, noise, fallback, optimizer=True)
-        return made[key]
-
+    quantizer = quantizer_maker(values, backend, params[0].device if params else "cpu", rounding, noise, fallback,
+                                optimizer=True)
     quantizers = {kind: {p: quantizer(per_param[id(p)][kind]) for p in params} for kind in IDENTITIES}
     return SeededOptimLP(optimizer, noise, quantizers, compiler)

@@ -185,6 +185,27 @@ def backend_for(backend, device, values=(), rounding="nearest"):
     return load
 
 
+def quantizer_maker(values, backend, device, rounding, noise, fallback=None, optimizer=False):
+    """A function from each of `values` (as `as_quantizer` takes them) to its
+    quantizer, one quantizer per distinct value, on the backend chosen for
+    all of them; `fallback` defaults to the torch backend under "auto".
+    Makes the noise's step a tensor now where the backend compiles: made
+    while a graph is traced, it would cost a recompilation."""
+    chosen_backend = backend_for(backend, device, values, rounding)
+    fallback = fallback if fallback is not None else (TORCH_BACKEND if backend == "auto" else None)
+    if noise is not None and (backend == "compiled" or getattr(chosen_backend, "step_tensor", False)):
+        noise.step_tensor(device)
+    made = {}
+
+    def quantizer(value):
+        key = id(value) if callable(value) else value
+        if key not in made:
+            made[key] = as_quantizer(value, rounding, chosen_backend, noise, fallback, optimizer=optimizer)
+        return made[key]
+
+    return quantizer
+
+
 def _site_names(model, sites):
     """(name, module) of each site: sites given as modules, qualified names or module types."""
     named = list(model.named_modules())
@@ -250,18 +271,7 @@ def quantize_model(model: nn.Module, activate=None, error=None, *,
         return []
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    chosen_backend = backend_for(backend, device, values, rounding)
-    fallback = fallback if fallback is not None else (TORCH_BACKEND if backend == "auto" else None)
-    if noise is not None and (backend == "compiled" or getattr(chosen_backend, "step_tensor", False)):
-        noise.step_tensor(device)  # now: made while a graph is traced, it would cost a recompilation
-    made, named = {}, []
-
-    def quantizer(value):
-        key = id(value) if callable(value) else value
-        if key not in made:
-            made[key] = as_quantizer(value, rounding, chosen_backend, noise, fallback)
-        return made[key]
-
+    quantizer, named = quantizer_maker(values, backend, device, rounding, noise, fallback), []
     for index, ((name, site), formats) in enumerate(zip(chosen, per_site)):
         activation_quant, error_quant = quantizer(formats["activate"]), quantizer(formats["error"])
         if activation_quant is None and error_quant is None:
