@@ -15,12 +15,9 @@ finished) are read, not run again, so the command can be repeated;
         [--report] [-- train.py flags]
 """
 
-import argparse
-import os
-
 import tabulate
 
-from experiments.digits_runs import each_run, spread, write_summary
+from experiments.digits_runs import each_run, parse, runner_parser, spread, write_summary
 
 EDGES_FP32 = ["--layer-format", "first:fp32", "--layer-format", "last:fp32"]
 COLUMNS = ("SGD", "SWA", "EMA")
@@ -57,17 +54,11 @@ def table(summary):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per configuration and seed")
+    parser = runner_parser(__doc__, "digits_formats")
     parser.add_argument("--formats", nargs="+", default=["bfp8", "mxfp8", "mxfp4", "nvfp4"], help="format specs")
     parser.add_argument("--ema_decay", type=float, default=0.99,
                         help="the EMA runs' --ema_decay (two epochs of 42 steps average)")
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "digits_formats"),
-                        help="folder of the run directories and summary.json")
-    parser.add_argument("--report", action="store_true", help="print the table of the runs done, train nothing")
-    args, extra = parser.parse_known_args(argv)
-    extra = [flag for flag in extra if flag != "--"]
+    args, extra = parse(parser, argv)
     base = ["--dataset", "digits", "--model", "PreResNet20", "--loader", "batched", "--eval_freq", "6"]
     configurations = [(name, [*base, *flags, *extra], label) for label, name, flags in runs(args.formats,
                                                                                               args.ema_decay)]

@@ -1,6 +1,7 @@
 """What the digits experiments share: train.py runs in this process whose
 finished results are read back instead of trained again, and mean ± std."""
 
+import argparse
 import contextlib
 import json
 import os
@@ -50,6 +51,25 @@ def each_run(out, seeds, configurations, report=False):
             if report and finished(run_dir) is None:
                 continue
             yield seed, configuration, train_once(run_dir, [*argv, "--seed", str(seed)])
+
+
+def runner_parser(doc, name):
+    """The arguments every runner takes (--seeds, --out, by default
+    experiments/results/NAME, --report), described by the first paragraph
+    of `doc`; `parse` reads them."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per configuration and seed")
+    parser.add_argument("--out", default=os.path.join("experiments", "results", name),
+                        help="folder of the run directories and summary.json")
+    parser.add_argument("--report", action="store_true", help="print the table of the runs done, train nothing")
+    return parser
+
+
+def parse(parser, argv):
+    """(the runner's arguments, the train.py flags after them, `--` dropped)."""
+    args, extra = parser.parse_known_args(argv)
+    return args, [flag for flag in extra if flag != "--"]
 
 
 def spread(values):

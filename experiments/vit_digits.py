@@ -20,13 +20,11 @@ On a GPU, CIFAR10 is the real test (digits has 1,347 training images):
         -- --batch_size 128
 """
 
-import argparse
-import os
 import statistics
 
 import tabulate
 
-from experiments.digits_runs import each_run, spread, write_summary
+from experiments.digits_runs import each_run, parse, runner_parser, spread, write_summary
 
 OPTIMIZERS = {
     "SGD": ["--optimizer", "sgd", "--lr_init", "0.05", "--swa_lr", "0.01", "--wd", "5e-4"],
@@ -65,17 +63,11 @@ def table(summary):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per configuration and seed")
+    parser = runner_parser(__doc__, "vit_digits")
     parser.add_argument("--formats", nargs="+", default=["bfp8", "mxfp8"], help="8-bit format specs")
     parser.add_argument("--dataset", default="digits", help="train.py's --dataset")
     parser.add_argument("--epochs", type=int, default=20, help="epochs per run; averaging from 60%% of them on")
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "vit_digits"),
-                        help="folder of the run directories and summary.json")
-    parser.add_argument("--report", action="store_true", help="print the table of the runs done, train nothing")
-    args, extra = parser.parse_known_args(argv)
-    extra = [flag for flag in extra if flag != "--"]
+    args, extra = parse(parser, argv)
     summary = []
     for seed, (name, _, optimizer, spec), results in each_run(
             args.out, args.seeds, configurations(args.dataset, args.epochs, args.formats, extra), args.report):

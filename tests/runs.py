@@ -8,7 +8,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
+
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +19,16 @@ EIGHT_BIT = ["--wl-weight", 8, "--wl-grad", 8, "--wl-activate", 8, "--wl-error",
 SMALL = ["--batch_size", 16, "--num_workers", 0]
 LOW_PRECISION_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 4, "--swa_start", 2,
                      "--swa_c_epochs", 2, "--save_freq", 1, *EIGHT_BIT, "--wl-acc", 12, *SMALL]
+
+
+def refusal(capsys, *flags):
+    """The one line of stderr with which train.py's parser refuses `flags`
+    (given with a data path and a model), exiting 2."""
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(["--data_path", "data", "--model", "VGG16", *flags])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(error) == 1, error
+    return error[0]
 
 
 def table_rows(stdout):

@@ -2,6 +2,7 @@
 that finished runs are read back rather than trained, and their tables."""
 
 import json
+import os
 
 import pytest
 
@@ -62,3 +63,10 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
 def test_report_prints_only_what_finished(runner, tmp_path, capsys):
     runner.main(["--seeds", "1", "--out", str(tmp_path), "--report"])
     assert "seeds" in capsys.readouterr().out
+
+
+def test_a_runner_passes_what_follows_its_own_flags_to_train_py():
+    parser = digits_runs.runner_parser("What a runner does.\n\nMore.", "name")
+    args, extra = digits_runs.parse(parser, ["--seeds", "4", "5", "--", "--epochs", "2"])
+    assert (args.seeds, args.report, extra) == ([4, 5], False, ["--epochs", "2"])
+    assert args.out == os.path.join("experiments", "results", "name") and parser.description == "What a runner does."
