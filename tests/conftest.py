@@ -1,15 +1,31 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from runs import LOW_PRECISION_RUN, ROOT, train_here
+from runs import LOW_PRECISION_RUN, OFFLINE, ROOT, start_interpreted_checks, train_here
 from swalp.data.fake_cifar import patch_torchvision_md5, write_fake_cifar
 
-# A download attempt fails at once instead of leaving the machine (this process's and its children's).
-OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+def pytest_collection_finish(session):
+    """The interpreted checks keep one core busy for tens of seconds, while
+    much of the suite leaves the second idle (subprocesses starting,
+    waiting for each other): where a selected test needs them, they start
+    now and run beside the tests before it."""
+    if any("interpreted" in getattr(item, "fixturenames", ()) for item in session.items):
+        work = tempfile.mkdtemp(prefix="interpreted-")
+        session.config.interpreted_checks = (start_interpreted_checks(work), work)
+
+
+def pytest_sessionfinish(session):
+    process, work = getattr(session.config, "interpreted_checks", (None, None))
+    if process is not None:
+        process.kill()  # nothing, when it has finished
+        process.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,21 @@ EIGHT_BIT = ["--wl-weight", 8, "--wl-grad", 8, "--wl-activate", 8, "--wl-error",
 SMALL = ["--batch_size", 16, "--num_workers", 0]
 LOW_PRECISION_RUN = ["--dataset", "CIFAR10", "--model", "PreResNet20", "--epochs", 4, "--swa_start", 2,
                      "--swa_c_epochs", 2, "--save_freq", 1, *EIGHT_BIT, "--wl-acc", 12, *SMALL]
+# A download attempt fails at once instead of leaving the machine (the tests' process's and its children's).
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+
+
+def start_interpreted_checks(work):
+    """tests/triton_interpreted.py's checks, started in a process of their
+    own on one thread (Triton's interpreter must be chosen before triton is
+    imported), offline, writing to work/stdout and work/stderr (files: a
+    full pipe would stall it while nobody reads); returns the Popen."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **OFFLINE)
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    with open(os.path.join(work, "stdout"), "w") as stdout, open(os.path.join(work, "stderr"), "w") as stderr:
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "triton_interpreted.py"), str(work)],
+                                cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
 
 
 def refusal(capsys, *flags):

@@ -4,8 +4,7 @@ tests/triton_interpreted.py), and what needs no kernel at all."""
 
 import json
 import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 import swalp
 import train
 import triton_interpreted
-from runs import ROOT
+from runs import start_interpreted_checks
 from swalp.errors import UserError
 from swalp.quant import backends, formats, quantizer
 from swalp.quant import noise as noise_streams
@@ -23,22 +22,21 @@ from swalp.run.quantizers import choose_quantizers
 pytest.importorskip("triton")
 
 
-def interpreter_env(env):
-    return dict(env, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    """Every check of triton_interpreted.py, run once in one process."""
-    work = tmp_path_factory.mktemp("interpreted")
-    result = subprocess.run([sys.executable, triton_interpreted.__file__, str(work)], cwd=ROOT,
-                            env=interpreter_env(os.environ), capture_output=True, text=True, timeout=600)
+def interpreted(request, tmp_path_factory):
+    """Every check of triton_interpreted.py, run once in one process (which
+    conftest started in the background when the session began)."""
+    process, work = getattr(request.config, "interpreted_checks", (None, None))
+    if process is None:
+        work = tmp_path_factory.mktemp("interpreted")
+        process = start_interpreted_checks(work)
+    process.wait(timeout=600)
     outcomes = {}
-    for line in result.stdout.splitlines():
+    for line in (Path(work) / "stdout").read_text().splitlines():
         if line.startswith("{"):
             outcome = json.loads(line)
             outcomes[outcome["check"]] = outcome
-    assert outcomes, result.stderr[-3000:]
+    assert outcomes, (Path(work) / "stderr").read_text()[-3000:]
     return outcomes
 
 
