@@ -12,6 +12,12 @@ every step without recompiling.
 
 torch has no public counter-based generator (its Philox serves only its
 own CUDA kernels, offset by a global state), hence this one.
+
+The draw is one operator, `torch.ops.swalp.philox_bits`, implemented by
+these operations (CompositeImplicitAutograd): Dynamo records it as one call
+instead of tracing its ~130 tensor operations in Python bytecode (which
+took 0.4 s per draw, most of the time it took to trace an 8-bit network),
+and AOTAutograd expands it into them, which Inductor fuses as before.
 """
 
 import torch
@@ -50,16 +56,28 @@ def _multiply(constant, word):
     return (product >> 32) & WORD, product & WORD
 
 
+def _philox_bits(offsets, seed, identity, step, domain):
+    c0 = offsets.to(torch.int64)
+    c1, c2, c3 = _word(identity, c0), _word(step, c0), _word(domain, c0)
+    for key_low, key_high in _round_keys(seed):
+        high_b, low_b = _multiply(MULTIPLIER_B, c2)
+        high_a, low_a = _multiply(MULTIPLIER_A, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ key_low, low_b, high_a ^ c3 ^ key_high, low_a
+    return c0
+
+
+if not hasattr(torch.ops.swalp, "philox_bits"):
+    _LIBRARY = torch.library.Library("swalp", "DEF")
+    _LIBRARY.define("philox_bits(Tensor offsets, int seed, Tensor identity, Tensor step, Tensor domain) -> Tensor")
+    _LIBRARY.impl("philox_bits", _philox_bits, "CompositeImplicitAutograd")
+
+
 def random_bits(offsets, seed, identity, step, domain):
     """Philox-4x32-10's first output word (int64 holding 32 bits) for each
     element of `offsets` (int64 element indices below 2^31), key `seed`
     (taken modulo 2^63, as the triton backend passes it), counter words
     (offset, identity, step, domain): ints or tensors broadcastable to
     `offsets`."""
-    c0 = offsets.to(torch.int64)
-    c1, c2, c3 = _word(identity, c0), _word(step, c0), _word(domain, c0)
-    for key_low, key_high in _round_keys(seed & ((1 << 63) - 1)):
-        high_b, low_b = _multiply(MULTIPLIER_B, c2)
-        high_a, low_a = _multiply(MULTIPLIER_A, c0)
-        c0, c1, c2, c3 = high_b ^ c1 ^ key_low, low_b, high_a ^ c3 ^ key_high, low_a
-    return c0
+    words = [value if isinstance(value, torch.Tensor) else offsets.new_full((), value & WORD, dtype=torch.int64)
+             for value in (identity, step, domain)]
+    return torch.ops.swalp.philox_bits(offsets, seed & ((1 << 63) - 1), *words)
