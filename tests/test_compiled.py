@@ -68,6 +68,12 @@ def test_an_8_bit_network_traces_as_one_graph_without_breaks(name):
     net, _ = low_precision(name)
     explained = torch._dynamo.explain(net)(torch.randn(2, 3, 32, 32))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    # Each site's noise (forward and backward: the autograd functions'
+    # subgraphs) is one call, not its ~130 operations traced one by one.
+    calls = [node.target for graph in explained.graphs[0].modules() if isinstance(graph, torch.fx.GraphModule)
+             for node in graph.graph.nodes if node.op == "call_function"]
+    assert calls.count(torch.ops.swalp.philox_bits) == 2 * len(net.quantizer_sites("layer"))
+    assert len(calls) < 70 * len(net.quantizer_sites("layer")), len(calls)
 
 
 def steps(net, noise, compiler, batches):
