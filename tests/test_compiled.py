@@ -165,6 +165,20 @@ def test_inductor_rounds_every_format_as_eager_does_nearest_and_stochastic():
     drawn = [index for index, (_, rounding) in enumerate(cases) if rounding == "stochastic"]
     assert [cases[index] for index in drawn if same_bits(compiled[index], again[index])] == []
 
+    # As the optimizer rounds: a batch, in place, in the inputs of a graph of
+    # its own, in the optimizer's stream (0). torch 2.14's C++ code generator
+    # fails on some such graphs (a KeyError in outer-loop fusion): with a
+    # nonzero stream too, and here once the noise took its integer counter
+    # words as 0-dimensional tensors.
+    def round_batch(batch):
+        COMPILED_BACKEND.round_many(batch, specs.parse("bfp8"), "stochastic", key._replace(identity=1, domain=0))
+
+    weights = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    expected, actual = [weights.clone()], [weights.clone()]
+    round_batch(expected)
+    compile_rounding(round_batch)(actual)
+    assert same_bits(expected[0], actual[0])
+
 
 # Batches of 10 divide the 40 training and 20 test images: one shape, no recompilation.
 COMPILED_RUN = ["--dataset", "CIFAR10", "--model", "Tiny", "--epochs", 1, "--swa_start", 1, "--batch_size", 10,

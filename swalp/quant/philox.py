@@ -56,9 +56,12 @@ def _multiply(constant, word):
     return (product >> 32) & WORD, product & WORD
 
 
-def _philox_bits(offsets, seed, identity, step, domain):
+def _philox_bits(offsets, seed, identity, step, domain, constants):
+    """The operator's implementation: each counter word is its tensor, or
+    where that is None its entry of `constants`."""
     c0 = offsets.to(torch.int64)
-    c1, c2, c3 = _word(identity, c0), _word(step, c0), _word(domain, c0)
+    c1, c2, c3 = (_word(constant if word is None else word, c0)
+                  for word, constant in zip((identity, step, domain), constants))
     for key_low, key_high in _round_keys(seed):
         high_b, low_b = _multiply(MULTIPLIER_B, c2)
         high_a, low_a = _multiply(MULTIPLIER_A, c0)
@@ -68,7 +71,10 @@ def _philox_bits(offsets, seed, identity, step, domain):
 
 if not hasattr(torch.ops.swalp, "philox_bits"):
     _LIBRARY = torch.library.Library("swalp", "DEF")
-    _LIBRARY.define("philox_bits(Tensor offsets, int seed, Tensor identity, Tensor step, Tensor domain) -> Tensor")
+    # Words given as ints stay ints (not 0-dimensional tensors): their
+    # graphs are those torch 2.14's Inductor generates correct code for.
+    _LIBRARY.define("philox_bits(Tensor offsets, int seed, Tensor? identity, Tensor? step, Tensor? domain, "
+                    "int[3] constants) -> Tensor")
     _LIBRARY.impl("philox_bits", _philox_bits, "CompositeImplicitAutograd")
 
 
@@ -78,6 +84,7 @@ def random_bits(offsets, seed, identity, step, domain):
     (taken modulo 2^63, as the triton backend passes it), counter words
     (offset, identity, step, domain): ints or tensors broadcastable to
     `offsets`."""
-    words = [value if isinstance(value, torch.Tensor) else offsets.new_full((), value & WORD, dtype=torch.int64)
-             for value in (identity, step, domain)]
-    return torch.ops.swalp.philox_bits(offsets, seed & ((1 << 63) - 1), *words)
+    words = (identity, step, domain)
+    tensors = [word if isinstance(word, torch.Tensor) else None for word in words]
+    constants = [0 if isinstance(word, torch.Tensor) else word & WORD for word in words]
+    return torch.ops.swalp.philox_bits(offsets, seed & ((1 << 63) - 1), *tensors, constants)
