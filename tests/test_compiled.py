@@ -171,13 +171,26 @@ def test_inductor_rounds_every_format_as_eager_does_nearest_and_stochastic():
     # nonzero stream too, and here once the noise took its integer counter
     # words as 0-dimensional tensors.
     def round_batch(batch):
-        COMPILED_BACKEND.round_many(batch, specs.parse("bfp8"), "stochastic", key._replace(identity=1, domain=0))
+        COMPILED_BACKEND.round_many(batch, bfp8, "stochastic", key._replace(identity=1, domain=0))
 
     weights = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     expected, actual = [weights.clone()], [weights.clone()]
     round_batch(expected)
     compile_rounding(round_batch)(actual)
     assert same_bits(expected[0], actual[0])
+
+
+def test_a_batch_is_one_operator_call_in_the_graph():
+    """The optimizer's rounding of a batch, traced: one round_batch call
+    (which AOTAutograd expands), not each tensor's rounding traced."""
+    bfp8 = specs.parse("bfp8")
+    key = NoiseKey(seed=3, identity=1, step=torch.tensor(2), domain=0)
+    tensors = [torch.randn(4, 3, 3, 3), torch.randn(4), torch.randn(10, 4)]
+    explained = torch._dynamo.explain(lambda batch: COMPILED_BACKEND.round_many(batch, bfp8, "stochastic", key))(
+        tensors)
+    calls = [node.target for node in explained.graphs[0].graph.nodes if node.op == "call_function"]
+    assert explained.graph_break_count == 0 and calls.count(torch.ops.swalp.round_batch) == 1
+    assert len(calls) == len(tensors) + 1, calls  # the call, and each tensor's item of its result
 
 
 # Batches of 10 divide the 40 training and 20 test images: one shape, no recompilation.

@@ -8,7 +8,7 @@ checks them before torch loads.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar, Union
 
 # Tensors with at most this many dimensions share one exponent ("small block").
@@ -28,6 +28,36 @@ def row_blocks_numel(x, k):
     """The elements of `row_blocks(x, k)`, the padding included."""
     count, length = _rows(x)
     return count * (length + (-length % k))
+
+
+# Every number format made, by id (each kept alive here, so that ids stay
+# unique): an operator's arguments are tensors and numbers, and compiled
+# code passes a format to one by its id (see backends._round_batch).
+_MADE = {}
+
+
+def made(format_id):
+    """The number format whose id is `format_id`."""
+    return _MADE[format_id]
+
+
+def _registered(cls):
+    """Class decorator, under @dataclass (whose __init__ then calls the
+    __post_init__ set here): each instance, once checked, is registered in
+    _MADE, and copies and unpickled ones are made by the constructor too
+    (so that they are registered)."""
+    check = getattr(cls, "__post_init__", None)
+
+    def __post_init__(self):
+        if check is not None:
+            check(self)
+        _MADE[id(self)] = self
+
+    def __reduce__(self):
+        return cls, tuple(getattr(self, field.name) for field in fields(self))
+
+    cls.__post_init__, cls.__reduce__ = __post_init__, __reduce__
+    return cls
 
 
 def draws(number_format, x):
@@ -58,6 +88,7 @@ def row_blocks(x, k):
 
 
 @dataclass(frozen=True)
+@_registered
 class BlockFormat:
     """Block floating point with `wl` bits per number, sign included.
 
@@ -123,6 +154,7 @@ class BlockFormat:
 
 
 @dataclass(frozen=True)
+@_registered
 class FixedFormat:
     """Fixed point (qtorch's `FixedPoint`): `wl` bits, `fl` of them fractional."""
 
@@ -147,6 +179,7 @@ class FixedFormat:
 
 
 @dataclass(frozen=True)
+@_registered
 class FloatFormat:
     """Floating point (qtorch's `FloatingPoint`): `exp` exponent bits, `man`
     mantissa bits without the hidden one, subnormals, and every exponent
@@ -203,6 +236,7 @@ ELEMENTS = {element.name: element for element in (
 
 
 @dataclass(frozen=True)
+@_registered
 class OCPFloatFormat:
     """An OCP 8-bit float on its own: E4M3 (largest 448, as
     torch.float8_e4m3fn) or E5M2 (57344), ties to even, saturating."""
@@ -226,6 +260,7 @@ MX_BLOCK = 32  # OCP MX v1.0: every MX format has blocks of 32
 
 
 @dataclass(frozen=True)
+@_registered
 class MXFormat:
     """OCP Microscaling: blocks of 32 consecutive elements of each row share
     an E8M0 scale, the elements are converted with saturation. Rows as in
@@ -266,6 +301,7 @@ NVFP4_BLOCK = 16
 
 
 @dataclass(frozen=True)
+@_registered
 class NVFP4Format:
     """NVIDIA's NVFP4: E2M1 elements (largest 6) in blocks of 16 consecutive
     elements of each row (rows as in `row_blocks`), each block scaled by an

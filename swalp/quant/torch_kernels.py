@@ -31,6 +31,9 @@ Special values:
   qtorch's kernel.
 """
 
+import contextlib
+import threading
+
 import torch
 
 from swalp.quant import philox
@@ -105,12 +108,32 @@ def _uniform(x, generator):
     return torch.rand(x.shape, device=x.device, generator=generator)
 
 
+_TRACING = threading.local()
+
+
+@contextlib.contextmanager
+def traceable():
+    """Within it, the kernels take the paths they take under torch.compile
+    (out of place, no decision read back from the device), as they must in
+    an operator that the compiler expands; their bits are the same."""
+    before = getattr(_TRACING, "on", False)
+    _TRACING.on = True
+    try:
+        yield
+    finally:
+        _TRACING.on = before
+
+
+def _traceable():
+    return torch.compiler.is_compiling() or getattr(_TRACING, "on", False)
+
+
 def _round_mantissa(bits, man, rounding, generator):
     """qtorch's round_bitwise: keep `man` mantissa bits, rounding half up in
     the last kept bit (nearest) or after adding uniform random lower bits
     (stochastic). Modifies and returns `bits` (contiguous int32)."""
     mask = (1 << (MANTISSA_BITS - man)) - 1
-    if torch.compiler.is_compiling() and (rounding == "nearest" or isinstance(generator, NoiseKey)):
+    if _traceable() and (rounding == "nearest" or isinstance(generator, NoiseKey)):
         # Out of place: Inductor fuses it all the same, and in-place updates of
         # a dtype view before a copy into a graph input trip its CPU code
         # generator (torch 2.14: KeyError in outer-loop fusion).
@@ -189,7 +212,7 @@ def _decide_on_host(device):
     GPU's launch queue until the kernels before it finish, and under
     torch.compile it would break the graph; there every block takes the
     bit-level clip, which equals the clamp where a clamp would do."""
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    return device.type == "cpu" and not _traceable()
 
 
 def _clip_exactly(quantized, max_exponent, largest):
