@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from swalp.errors import first_line
-from swalp.quant import formats, philox, torch_kernels
+from swalp.quant import formats, operators, philox, torch_kernels
 from swalp.quant.noise import NoiseKey
 
 
@@ -75,17 +75,14 @@ def _rounded_batch(tensors, format_id, rounding, seed, identity, step, domain, c
     return rounded
 
 
-if not hasattr(torch.ops.swalp, "round_batch"):
-    _LIBRARY = torch.library.Library("swalp", "FRAGMENT")
-    _LIBRARY.define("round_batch(Tensor[] tensors, int format, str rounding, int seed, Tensor? identity, "
-                    "Tensor? step, Tensor? domain, int[3] constants) -> Tensor[]")
-    _LIBRARY.impl("round_batch", _rounded_batch, "CompositeImplicitAutograd")
+operators.define("round_batch(Tensor[] tensors, int format, str rounding, int seed, Tensor? identity, "
+                 "Tensor? step, Tensor? domain, int[3] constants) -> Tensor[]", _rounded_batch)
 
 
 def _round_batch(tensors, number_format, rounding, key=None, out=None):
     """The compiled backend's batch: each tensor rounded into itself (or into
     out's), the same bits as the triton backend's batch, by one operator,
-    `torch.ops.swalp.round_batch` (CompositeImplicitAutograd): Dynamo records
+    `torch.ops.swalp.round_batch` (see `operators`): Dynamo records
     a batch as one call instead of tracing each tensor's rounding (PreResNet20's
     weights and gradients: 1.9 s instead of 6.0 s on one thread), and
     AOTAutograd expands it for Inductor, one draw for the whole batch. The

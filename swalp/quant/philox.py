@@ -13,14 +13,15 @@ every step without recompiling.
 torch has no public counter-based generator (its Philox serves only its
 own CUDA kernels, offset by a global state), hence this one.
 
-The draw is one operator, `torch.ops.swalp.philox_bits`, implemented by
-these operations (CompositeImplicitAutograd): Dynamo records it as one call
-instead of tracing its ~130 tensor operations in Python bytecode (which
-took 0.4 s per draw, most of the time it took to trace an 8-bit network),
-and AOTAutograd expands it into them, which Inductor fuses as before.
+The draw is one operator, `torch.ops.swalp.philox_bits` (see `operators`):
+Dynamo records it as one call instead of tracing its ~130 tensor operations
+in Python bytecode (which took 0.4 s per draw, most of the time it took to
+trace an 8-bit network).
 """
 
 import torch
+
+from swalp.quant import operators
 
 ROUNDS = 10
 # Philox-4x32's multipliers and Weyl key increments (Salmon et al., 2011), as Triton uses them.
@@ -69,13 +70,10 @@ def _philox_bits(offsets, seed, identity, step, domain, constants):
     return c0
 
 
-if not hasattr(torch.ops.swalp, "philox_bits"):
-    _LIBRARY = torch.library.Library("swalp", "DEF")
-    # Words given as ints stay ints (not 0-dimensional tensors): their
-    # graphs are those torch 2.14's Inductor generates correct code for.
-    _LIBRARY.define("philox_bits(Tensor offsets, int seed, Tensor? identity, Tensor? step, Tensor? domain, "
-                    "int[3] constants) -> Tensor")
-    _LIBRARY.impl("philox_bits", _philox_bits, "CompositeImplicitAutograd")
+# Words given as ints stay ints (not 0-dimensional tensors): their graphs are
+# those torch 2.14's Inductor generates correct code for.
+operators.define("philox_bits(Tensor offsets, int seed, Tensor? identity, Tensor? step, Tensor? domain, "
+                 "int[3] constants) -> Tensor", _philox_bits)
 
 
 def random_bits(offsets, seed, identity, step, domain):
