@@ -1,11 +1,14 @@
 """Number formats: specs, layouts, and each format against a reference."""
 
+import copy
+import dataclasses
 import math
+import pickle
 
 import pytest
 import torch
 
-from swalp.quant import backends, formats, kinds, quantizer, specs
+from swalp.quant import backends, formats, kinds, operators, philox, quantizer, specs
 from swalp.quant import torch_kernels as tq
 from swalp.quant.specs import FormatError
 
@@ -341,3 +344,31 @@ def test_nvfp4_keeps_zeros_and_turns_a_tensor_with_inf_or_nan_into_nan():
 def test_only_the_torch_backend_computes_nvfp4():
     lean = backends.Backend("lean", tq.block_quantize, tq.fixed_point_quantize, tq.float_quantize, seedable=True)
     assert TORCH.supports(specs.parse("nvfp4")) and not lean.supports(specs.parse("nvfp4"))
+
+
+@pytest.mark.parametrize("spec", ["bfp8", "fixed8.6", "e4m3", "fp8e5m2", "mxfp8", "nvfp4"])
+def test_every_format_made_is_found_by_its_id_copies_and_unpickled_ones_too(spec):
+    """The compiled backend's batch operator takes its format by id."""
+    parsed = specs.parse(spec)
+    made = [parsed, copy.copy(parsed), copy.deepcopy(parsed), pickle.loads(pickle.dumps(parsed))]
+    if isinstance(parsed, formats.BlockFormat):
+        made.append(dataclasses.replace(parsed, small_block="FC"))
+    for number_format in made:
+        assert formats.made(id(number_format)) is number_format
+    assert made[1:4] == [parsed] * 3
+    with pytest.raises(ValueError):
+        formats.FixedFormat(99, 2)  # refused: checked before it is registered
+
+
+def test_an_operator_defined_again_is_left_as_it_was():
+    before = torch.ops.swalp.philox_bits.default
+    operators.define("philox_bits(Tensor offsets) -> Tensor", lambda offsets: offsets)
+    assert torch.ops.swalp.philox_bits.default is before
+
+
+def test_counter_words_go_into_operators_as_tensors_or_as_their_32_bits():
+    step = torch.tensor(5)
+    tensors, constants = philox.operator_words(3, step, 2 ** 33 + 1)
+    assert tensors[0] is None and tensors[1] is step and tensors[2] is None and constants == [3, 0, 1]
+    identity, again, domain = philox.counter_words(tensors, constants)
+    assert (identity, domain) == (3, 1) and again is step

@@ -12,7 +12,6 @@ import torch
 import swalp
 import train
 import triton_interpreted
-from runs import start_interpreted_checks
 from swalp.errors import UserError
 from swalp.quant import backends, formats, quantizer
 from swalp.quant import noise as noise_streams
@@ -23,13 +22,10 @@ pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
-def interpreted(request, tmp_path_factory):
-    """Every check of triton_interpreted.py, run once in one process (which
-    conftest started in the background when the session began)."""
-    process, work = getattr(request.config, "interpreted_checks", (None, None))
-    if process is None:
-        work = tmp_path_factory.mktemp("interpreted")
-        process = start_interpreted_checks(work)
+def interpreted(request):
+    """Every check of triton_interpreted.py, run once in one process, which
+    conftest started in the background when the session began."""
+    process, work = request.config.interpreted_checks
     process.wait(timeout=600)
     outcomes = {}
     for line in (Path(work) / "stdout").read_text().splitlines():

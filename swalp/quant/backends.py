@@ -58,12 +58,12 @@ def _rounded_batch(tensors, format_id, rounding, seed, identity, step, domain, c
     torch kernels, in the format `formats.made(format_id)`, with the noise
     of key (seed, identity, step, domain; seed -1: no noise) over their
     concatenation (element j of tensor i at index j + the elements of the
-    tensors before it), as the triton backend numbers a batch. A word given
-    as None is its entry of `constants`."""
+    tensors before it), as the triton backend numbers a batch (words as
+    `philox.operator_words` gives them)."""
     number_format = formats.made(format_id)
     counts = [formats.draws(number_format, tensor) for tensor in tensors]
     if seed >= 0:
-        words = [constant if word is None else word for word, constant in zip((identity, step, domain), constants)]
+        words = philox.counter_words((identity, step, domain), constants)
         drawn = philox.random_bits(torch.arange(sum(counts), dtype=torch.int64, device=tensors[0].device),
                                    seed, *words)
     rounded, offset = [], 0
@@ -88,11 +88,9 @@ def _round_batch(tensors, number_format, rounding, key=None, out=None):
     AOTAutograd expands it for Inductor, one draw for the whole batch. The
     format goes in by its id, so compiled code must not make it (none does:
     quantizers hold theirs)."""
-    words = (0, 0, 0) if key is None else (key.identity, key.step, key.domain)
-    tensor_words = [word if isinstance(word, torch.Tensor) else None for word in words]
-    constants = [0 if isinstance(word, torch.Tensor) else word & philox.WORD for word in words]
+    words, constants = philox.operator_words(*((0, 0, 0) if key is None else (key.identity, key.step, key.domain)))
     rounded = torch.ops.swalp.round_batch(list(tensors), id(number_format), rounding,
-                                          -1 if key is None else key.seed & ((1 << 63) - 1), *tensor_words, constants)
+                                          -1 if key is None else key.seed & philox.SEED_MASK, *words, constants)
     for target, value in zip(tensors if out is None else out, rounded):
         target.copy_(value)
 

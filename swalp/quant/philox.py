@@ -28,6 +28,7 @@ ROUNDS = 10
 MULTIPLIER_A, MULTIPLIER_B = 0xD2511F53, 0xCD9E8D57
 KEY_STEP_A, KEY_STEP_B = 0x9E3779B9, 0xBB67AE85
 WORD = 0xFFFFFFFF
+SEED_MASK = (1 << 63) - 1  # the triton backend passes the seed as a signed 64-bit int
 
 
 def _round_keys(seed):
@@ -57,12 +58,25 @@ def _multiply(constant, word):
     return (product >> 32) & WORD, product & WORD
 
 
+def operator_words(identity, step, domain):
+    """Counter words as this package's operators take them: the words that
+    are tensors (None for the others), and the others' 32 bits as ints (0
+    for the tensors). Ints stay ints, not 0-dimensional tensors: their
+    graphs are those torch 2.14's Inductor generates correct code for."""
+    words = (identity, step, domain)
+    return ([word if isinstance(word, torch.Tensor) else None for word in words],
+            [0 if isinstance(word, torch.Tensor) else word & WORD for word in words])
+
+
+def counter_words(tensors, constants):
+    """operator_words' inverse: each word, its tensor or else its int."""
+    return [constant if tensor is None else tensor for tensor, constant in zip(tensors, constants)]
+
+
 def _philox_bits(offsets, seed, identity, step, domain, constants):
-    """The operator's implementation: each counter word is its tensor, or
-    where that is None its entry of `constants`."""
+    """The operator's implementation (words as `operator_words` gives them)."""
     c0 = offsets.to(torch.int64)
-    c1, c2, c3 = (_word(constant if word is None else word, c0)
-                  for word, constant in zip((identity, step, domain), constants))
+    c1, c2, c3 = (_word(word, c0) for word in counter_words((identity, step, domain), constants))
     for key_low, key_high in _round_keys(seed):
         high_b, low_b = _multiply(MULTIPLIER_B, c2)
         high_a, low_a = _multiply(MULTIPLIER_A, c0)
@@ -70,8 +84,6 @@ def _philox_bits(offsets, seed, identity, step, domain, constants):
     return c0
 
 
-# Words given as ints stay ints (not 0-dimensional tensors): their graphs are
-# those torch 2.14's Inductor generates correct code for.
 operators.define("philox_bits(Tensor offsets, int seed, Tensor? identity, Tensor? step, Tensor? domain, "
                  "int[3] constants) -> Tensor", _philox_bits)
 
@@ -82,7 +94,5 @@ def random_bits(offsets, seed, identity, step, domain):
     (taken modulo 2^63, as the triton backend passes it), counter words
     (offset, identity, step, domain): ints or tensors broadcastable to
     `offsets`."""
-    words = (identity, step, domain)
-    tensors = [word if isinstance(word, torch.Tensor) else None for word in words]
-    constants = [0 if isinstance(word, torch.Tensor) else word & WORD for word in words]
-    return torch.ops.swalp.philox_bits(offsets, seed & ((1 << 63) - 1), *tensors, constants)
+    tensors, constants = operator_words(identity, step, domain)
+    return torch.ops.swalp.philox_bits(offsets, seed & SEED_MASK, *tensors, constants)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from swalp.quant import torch_kernels
+from swalp.quant import philox, torch_kernels
 from swalp.quant.formats import BlockFormat
 from swalp.quant.noise import NoiseKey
 
@@ -206,7 +206,7 @@ def _noise(key, rounding):
         raise ValueError("stochastic rounding with the triton backend needs a NoiseKey")
     if key is None:
         return 0, 0, 0, 0
-    return key.seed & ((1 << 63) - 1), _word(key.identity), _word(key.step), _word(key.domain)
+    return key.seed & philox.SEED_MASK, _word(key.identity), _word(key.step), _word(key.domain)
 
 
 def _prepare(x, rounding, inplace):
