@@ -8,16 +8,9 @@
     Inductor), with the seconds the first step took while compiling.
 (b) 8-bit stochastic block rounding of a 128x64x32x32 tensor, compiled and
     eager, against a copy of it (ms per call): `clone()`, as the speed
-    reference measures it, and into a tensor allocated before; compiled
-    nearest rounding, the same passes over memory without the noise; and
-    compiled stochastic rounding with Inductor told to keep each Philox draw
-    inline (INLINE_DRAW): what the noise costs fused. Inductor otherwise
-    stores any elementwise expression of over 100 operations (a draw takes
-    about 130) in a buffer of its own, one more pass writing 8 bytes per
-    element. The setting is for this measurement only: on whole graphs it
-    inlines without bound or fails (torch 2.14: VGG16's 8-bit step still
-    compiling after 13 minutes, against 85 s by default; PreResNet20's
-    optimizer rounding after 6; at 150, a KeyError in outer-loop fusion).
+    reference measures it, and into a tensor allocated before; and compiled
+    nearest rounding, the same passes over memory without the noise: the
+    difference is what the noise costs, fused.
 
 Targets: the compiled 8-bit step within 1.15x of the compiled full-precision
 step, compiled rounding within 1.5x of a copy. Prints tables and writes JSON:
@@ -44,7 +37,6 @@ from swalp.quant.backends import COMPILED_BACKEND, TORCH_BACKEND
 from swalp.quant.optim import compile_rounding
 
 KINDS = ("weight", "grad", "momentum")
-INLINE_DRAW = {"realize_opcount_threshold": 500}
 SECTIONS = ("steps", "rounding")
 
 
@@ -102,11 +94,9 @@ def rounding_rows(device, repeats):
     synchronize(device)
     compile_seconds = time.perf_counter() - began
     compiled_nearest = compile_rounding(compiled_round_nearest)
-    compiled_inline = torch.compile(compiled_round, fullgraph=True, dynamic=False, options=INLINE_DRAW)
     eager_key = key._replace(step=0)
     timings = {"copy (clone, the speed reference)": x.clone, "compiled rounding": lambda: compiled(x),
                "compiled nearest rounding (no noise: the passes alone)": lambda: compiled_nearest(x),
-               "compiled rounding, each draw kept inline": lambda: compiled_inline(x),
                "eager rounding (counter-based noise)": lambda: bfp8.quantize(x, "stochastic", TORCH_BACKEND,
                                                                               eager_key),
                "eager rounding (torch backend)": lambda: bfp8.quantize(x, "stochastic", TORCH_BACKEND),

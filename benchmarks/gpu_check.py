@@ -256,7 +256,7 @@ def section_speed(device):
 def compiled_bits(device):
     """--compile's rounding on `device` (on CUDA Inductor's Triton kernels):
     elements differing from the triton backend's stochastic rounding for the
-    same keys (the same Philox bits), one tensor and batched, and from eager
+    same keys (the same counter-based bits), one tensor and batched, and from eager
     torch's nearest rounding, per format."""
     from swalp.quant.optim import compile_rounding
 
@@ -276,8 +276,6 @@ def compiled_bits(device):
                 backends.COMPILED_BACKEND.round_many(parts, number_format, "stochastic", tensor_key)
                 return parts
 
-            # On the CPU, Inductor's C++ code generator (torch 2.14) fails on some of these batches
-            # (see docs/backends.md); CUDA compiles them to Triton.
             ours, batched = compile_rounding(rounded)(x), compile_rounding(batch)([x[:20].clone(), x[20:].clone()])
             theirs = [x[:20].clone(), x[20:].clone()]
             triton.round_many(theirs, number_format, "stochastic", key)

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from swalp.quant import backends, formats, kinds, operators, philox, quantizer, specs
+from swalp.quant import backends, formats, kinds, quantizer, specs
 from swalp.quant import torch_kernels as tq
 from swalp.quant.specs import FormatError
 
@@ -358,17 +358,3 @@ def test_every_format_made_is_found_by_its_id_copies_and_unpickled_ones_too(spec
     assert made[1:4] == [parsed] * 3
     with pytest.raises(ValueError):
         formats.FixedFormat(99, 2)  # refused: checked before it is registered
-
-
-def test_an_operator_defined_again_is_left_as_it_was():
-    before = torch.ops.swalp.philox_bits.default
-    operators.define("philox_bits(Tensor offsets) -> Tensor", lambda offsets: offsets)
-    assert torch.ops.swalp.philox_bits.default is before
-
-
-def test_counter_words_go_into_operators_as_tensors_or_as_their_32_bits():
-    step = torch.tensor(5)
-    tensors, constants = philox.operator_words(3, step, 2 ** 33 + 1)
-    assert tensors[0] is None and tensors[1] is step and tensors[2] is None and constants == [3, 0, 1]
-    identity, again, domain = philox.counter_words(tensors, constants)
-    assert (identity, domain) == (3, 1) and again is step

@@ -193,7 +193,7 @@ def noise_is_a_function_of_seed_step_identity_domain_and_index(work):
 
 @check
 def the_compiled_backend_draws_the_triton_backends_bits(work):
-    """The compiled backend's Philox (torch operations) against tl.philox:
+    """The compiled backend's noise (torch operations) against the triton kernels':
     stochastic rounding bit for bit, one tensor at a time and batched, with
     the step as an int and as the tensor compiled graphs read."""
     triton_backend = backends.load_triton_backend(torch.device("cpu"))

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from swalp.errors import first_line
-from swalp.quant import formats, operators, philox, torch_kernels
+from swalp.quant import formats, operators, splitmix, torch_kernels
 from swalp.quant.noise import NoiseKey
 
 
@@ -59,13 +59,13 @@ def _rounded_batch(tensors, format_id, rounding, seed, identity, step, domain, c
     of key (seed, identity, step, domain; seed -1: no noise) over their
     concatenation (element j of tensor i at index j + the elements of the
     tensors before it), as the triton backend numbers a batch (words as
-    `philox.operator_words` gives them)."""
+    `splitmix.operator_words` gives them)."""
     number_format = formats.made(format_id)
     counts = [formats.draws(number_format, tensor) for tensor in tensors]
     if seed >= 0:
-        words = philox.counter_words((identity, step, domain), constants)
-        drawn = philox.random_bits(torch.arange(sum(counts), dtype=torch.int64, device=tensors[0].device),
-                                   seed, *words)
+        words = splitmix.counter_words((identity, step, domain), constants)
+        drawn = splitmix.random_bits(torch.arange(sum(counts), dtype=torch.int64, device=tensors[0].device),
+                                     seed, *words)
     rounded, offset = [], 0
     with torch_kernels.traceable():
         for tensor, count in zip(tensors, counts):
@@ -88,16 +88,20 @@ def _round_batch(tensors, number_format, rounding, key=None, out=None):
     AOTAutograd expands it for Inductor, one draw for the whole batch. The
     format goes in by its id, so compiled code must not make it (none does:
     quantizers hold theirs)."""
-    words, constants = philox.operator_words(*((0, 0, 0) if key is None else (key.identity, key.step, key.domain)))
+    words, constants = splitmix.operator_words(*((0, 0, 0) if key is None else (key.identity, key.step, key.domain)))
     rounded = torch.ops.swalp.round_batch(list(tensors), id(number_format), rounding,
-                                          -1 if key is None else key.seed & philox.SEED_MASK, *words, constants)
-    for target, value in zip(tensors if out is None else out, rounded):
-        target.copy_(value)
+                                          -1 if key is None else key.seed & splitmix.SEED_MASK, *words, constants)
+    # One foreach copy, not a copy_ per tensor: on some batches (a nonzero
+    # stream, or a draw fused into each tensor's rounding) Inductor's C++
+    # generator (torch 2.14) fails on those copies into graph inputs (a
+    # KeyError in its outer-loop fusion).
+    torch._foreach_copy_(list(tensors if out is None else out), rounded)
 
 
 # The torch kernels with counter-based noise, for code compiled by torch.compile.
 COMPILED_BACKEND = TORCH_BACKEND._replace(name="compiled", counter_based=True, round_many=_round_batch,
                                           step_tensor=True)
+
 
 
 class BackendUnavailable(RuntimeError):

@@ -24,7 +24,7 @@ class NoiseKey(NamedTuple):
     serves every step). `offset` is the counter index of the tensor's first
     element: its position in a batch's concatenation (0 on its own).
     `words`, where given, are the tensor's bits, drawn with the rest of its
-    batch in one go (one Philox computation per batch, not per tensor)."""
+    batch in one go (one draw per batch, not per tensor)."""
 
     seed: int
     identity: int

@@ -12,8 +12,8 @@ adding uniform random bits below the last kept bit, then truncated.
 
 The noise argument of every kernel (`generator`) is a torch generator (or
 None: the device's default one), or a `noise.NoiseKey`: then each element's
-random bits are the triton backend's counter-based Philox draws
-(`philox.random_bits`), the same bits at the same element index, computed
+random bits are the triton backend's counter-based draws (keyed
+SplitMix64, `splitmix.random_bits`), the same bits at the same element index, computed
 by traceable tensor operations, which is what the compiled backend uses.
 
 Special values:
@@ -36,7 +36,7 @@ import threading
 
 import torch
 
-from swalp.quant import philox
+from swalp.quant import splitmix
 from swalp.quant.noise import NoiseKey
 
 SIGN_BIT = -(1 << 31)  # 0x80000000 as an int32
@@ -74,7 +74,7 @@ def _add_random_bits(bits, mask, generator):
     (two for 8-bit block floating point) and each field feeds one element.
     """
     flat = bits.view(-1)
-    if isinstance(generator, NoiseKey):  # one Philox word per element, its low bits, as the triton kernels take
+    if isinstance(generator, NoiseKey):  # one counter-based word per element, its low bits, as the triton kernels take
         flat += (_counter_bits(flat.numel(), bits.device, generator) & mask).to(torch.int32)
         return
     width = mask.bit_length()
@@ -97,7 +97,7 @@ def _counter_bits(count, device, key):
         assert key.words.numel() == count, "a batch's words must be those its tensors draw (formats.draws)"
         return key.words
     offsets = torch.arange(key.offset, key.offset + count, dtype=torch.int64, device=device)
-    return philox.random_bits(offsets, key.seed, key.identity, key.step, key.domain)
+    return splitmix.random_bits(offsets, key.seed, key.identity, key.step, key.domain)
 
 
 def _uniform(x, generator):

@@ -7,18 +7,13 @@ one pass. Nearest rounding does torch_kernels' arithmetic step for step, so
 its results are bit-identical to torch_kernels' (and so to qtorch's);
 stochastic rounding adds the same uniform bits below the last kept bit.
 
-The noise is counter-based: each element's random bits are Philox-4x32-10
-(`tl.philox`) of
-
-    key     = the run's seed (64 bits),
-    counter = (element index, identity, step, domain),
-
-so they depend on nothing but those numbers, never on a generator's state or
-on the order of calls. A `noise.NoiseKey` carries the seed and the last
-three words. Philox is a bijection of the counter for a given key, so two
-roundings draw the same bits exactly when all four words agree; callers keep
-the (identity, step, domain) triples of different roundings distinct (see
-noise.StepNoise).
+The noise is counter-based: each element's random bits are keyed
+SplitMix64 of its index (`splitmix`: the same bits as the torch backend's
+counter-based draws), its two 64-bit key words derived on the host from a
+`noise.NoiseKey`'s seed, identity, step and domain, so they depend on
+nothing but those numbers, never on a generator's state or on the order of
+calls. Callers keep the (identity, step, domain) triples of different
+roundings distinct (see noise.StepNoise).
 
 Where no GPU is present, `TRITON_INTERPRET=1` (set before triton is
 imported) runs the same kernels on CPU tensors, slowly; tiles are then large
@@ -34,14 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from swalp.quant import philox, torch_kernels
+from swalp.quant import splitmix, torch_kernels
 from swalp.quant.formats import BlockFormat
 from swalp.quant.noise import NoiseKey
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program. The interpreter pays per program, a GPU per idle lane.
 TILE = 1 << 16 if INTERPRETING else 1024
-MAX_ELEMENTS = 1 << 31  # element indices are int32 and the first Philox counter word
+MAX_ELEMENTS = 1 << 31  # element indices are int32
 MANTISSA_BITS = torch_kernels.MANTISSA_BITS
 # Contracting a multiply and an add into one fma would skip a rounding that
 # torch_kernels performs; nearest rounding must stay bit-identical.
@@ -70,18 +65,28 @@ def compile_for(device, backend, number_formats=(), rounding="nearest"):
 
 
 @triton.jit
-def _random_bits(offsets, seed, identity, step, domain):
-    zero = offsets * 0
-    bits, _, _, _ = tl.philox(seed, offsets, zero + identity, zero + step, zero + domain)
-    return bits.to(tl.int32, bitcast=True)
+def _mix64(value):
+    """splitmix.mix64 on uint64, whose shifts are logical."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB
+    return value ^ (value >> 31)
 
 
 @triton.jit
-def _round_mantissa(bits, offsets, seed, identity, step, domain, DROP: tl.constexpr, STOCHASTIC: tl.constexpr):
+def _random_bits(offsets, noise_a, noise_b):
+    """splitmix.random_bits: the high 32 bits of mix64(GAMMA * (index ^ a) ^ b), as int32 bits."""
+    # A key word that fits 32 bits arrives as an int32 argument: widen before reinterpreting.
+    state = (offsets.to(tl.uint64) ^ noise_a.to(tl.int64).to(tl.uint64, bitcast=True)) * 0x9E3779B97F4A7C15
+    bits = _mix64(state ^ noise_b.to(tl.int64).to(tl.uint64, bitcast=True)) >> 32
+    return bits.to(tl.uint32).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _round_mantissa(bits, offsets, noise_a, noise_b, DROP: tl.constexpr, STOCHASTIC: tl.constexpr):
     """torch_kernels._round_mantissa on int32 bits: keep 23 - DROP mantissa bits."""
     mask: tl.constexpr = (1 << DROP) - 1
     if STOCHASTIC:
-        bits = bits + (_random_bits(offsets, seed, identity, step, domain) & mask)
+        bits = bits + (_random_bits(offsets, noise_a, noise_b) & mask)
     else:
         bits = bits + (1 << (DROP - 1))
     return bits & ~mask
@@ -97,7 +102,7 @@ def _block_index(offsets, block_map, inner, blocks, MAPPED: tl.constexpr, mask):
 # Integer arguments that change from call to call (sizes, the noise key's
 # words) are not specialized on: Triton would otherwise compile a kernel anew
 # for each value equal to 1 or divisible by 16.
-VARYING = ("n", "inner", "blocks", "seed", "identity", "step", "domain")
+VARYING = ("n", "inner", "blocks", "noise_a", "noise_b")
 
 
 @triton.jit(do_not_specialize=VARYING[:3])
@@ -118,7 +123,7 @@ def _block_peak_kernel(x, peaks, block_map, n, inner, blocks, MAPPED: tl.constex
 
 
 @triton.jit(do_not_specialize=VARYING)
-def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, seed, identity, step, domain,
+def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, noise_a, noise_b,
                         DROP: tl.constexpr, LARGEST_MANTISSA: tl.constexpr, STOCHASTIC: tl.constexpr,
                         MAPPED: tl.constexpr, TILE: tl.constexpr):
     """torch_kernels.block_quantize's rebase, round and qtorch's bit-level clip
@@ -132,7 +137,7 @@ def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, seed, identi
     max_exponent = tl.load(peaks + block, mask=mask, other=0) & 0x7F800000
     base = max_exponent.to(tl.float32, bitcast=True) * 6.0
     rebased = (value + base).to(tl.int32, bitcast=True)
-    rounded = _round_mantissa(rebased, offsets, seed, identity, step, domain, DROP, STOCHASTIC)
+    rounded = _round_mantissa(rebased, offsets, noise_a, noise_b, DROP, STOCHASTIC)
     quantized = (rounded.to(tl.float32, bitcast=True) - base).to(tl.int32, bitcast=True)
     overflow = (quantized & 0x7F800000) > max_exponent
     clipped = tl.where(overflow, (quantized & -2147483648) | max_exponent | LARGEST_MANTISSA, quantized)
@@ -140,7 +145,7 @@ def _block_round_kernel(x, out, peaks, block_map, n, inner, blocks, seed, identi
 
 
 @triton.jit(do_not_specialize=("n", *VARYING[3:]))
-def _fixed_kernel(x, out, n, scale, unscale, low, high, seed, identity, step, domain,
+def _fixed_kernel(x, out, n, scale, unscale, low, high, noise_a, noise_b,
                   STOCHASTIC: tl.constexpr, CLAMP: tl.constexpr, TILE: tl.constexpr):
     """torch_kernels.fixed_point_quantize: qtorch's nearbyint((float)(a + r) - 0.5)
     in double, rounding half to even."""
@@ -149,7 +154,7 @@ def _fixed_kernel(x, out, n, scale, unscale, low, high, seed, identity, step, do
     scaled = tl.load(x + offsets, mask=mask, other=0.0) * scale
     if STOCHASTIC:
         # 24 random bits: a float32 uniform on [0, 1), as torch.rand draws.
-        uniform = ((_random_bits(offsets, seed, identity, step, domain) >> 8) & 0xFFFFFF).to(tl.float32)
+        uniform = ((_random_bits(offsets, noise_a, noise_b) >> 8) & 0xFFFFFF).to(tl.float32)
         shifted = (scaled + uniform * 5.9604644775390625e-08).to(tl.float64) - 0.5
     else:
         shifted = (scaled + 0.5).to(tl.float64) - 0.5
@@ -167,7 +172,7 @@ def _fixed_kernel(x, out, n, scale, unscale, low, high, seed, identity, step, do
 
 
 @triton.jit(do_not_specialize=("n", *VARYING[3:]))
-def _float_kernel(x, out, n, seed, identity, step, domain, MIN_EXPONENT: tl.constexpr,
+def _float_kernel(x, out, n, noise_a, noise_b, MIN_EXPONENT: tl.constexpr,
                   MAX_FIELD: tl.constexpr, LARGEST_MANTISSA: tl.constexpr, DROP: tl.constexpr,
                   STOCHASTIC: tl.constexpr, TILE: tl.constexpr):
     """torch_kernels.float_quantize; one draw per element serves whichever of
@@ -179,10 +184,10 @@ def _float_kernel(x, out, n, seed, identity, step, domain, MIN_EXPONENT: tl.cons
     sign = bits & -2147483648
     exponent = ((bits >> 23) & 0xFF) - 127
     shift = (((127 + MIN_EXPONENT) << 23) | sign).to(tl.float32, bitcast=True)
-    shifted = _round_mantissa((value + shift).to(tl.int32, bitcast=True), offsets, seed, identity, step, domain,
+    shifted = _round_mantissa((value + shift).to(tl.int32, bitcast=True), offsets, noise_a, noise_b,
                               DROP, STOCHASTIC)
     small = shifted.to(tl.float32, bitcast=True) - shift
-    normal = _round_mantissa(bits, offsets, seed, identity, step, domain, DROP, STOCHASTIC)
+    normal = _round_mantissa(bits, offsets, noise_a, noise_b, DROP, STOCHASTIC)
     overflow = ((normal >> 23) & 0xFF) > MAX_FIELD
     normal = tl.where(overflow, sign | (MAX_FIELD << 23) | LARGEST_MANTISSA, normal)
     tl.store(out + offsets, tl.where(exponent < MIN_EXPONENT, small, normal.to(tl.float32, bitcast=True)),
@@ -195,18 +200,12 @@ def _launch(kernel, n, *args, **constants):
         kernel[(triton.cdiv(n, TILE),)](*args, TILE=TILE, **constants, **LAUNCH_OPTIONS)
 
 
-def _word(value):
-    """A 32-bit counter word as the int32 kernel argument with its bits."""
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
 def _noise(key, rounding):
     if rounding == "stochastic" and key is None:
         raise ValueError("stochastic rounding with the triton backend needs a NoiseKey")
     if key is None:
-        return 0, 0, 0, 0
-    return key.seed & philox.SEED_MASK, _word(key.identity), _word(key.step), _word(key.domain)
+        return 0, 0
+    return splitmix.stream_keys(key.seed, key.identity, key.step, key.domain)
 
 
 def _prepare(x, rounding, inplace):
