@@ -248,4 +248,3 @@ def test_two_gloo_ranks_training_compiled_stay_bit_identical(fake_cifar_env, cif
     checkpoint = torch.load(run_dir / "checkpoint-1.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(set(checkpoint["replica_digests"])) == 1
     assert checkpoint["config"]["compile"] is True
-

@@ -55,8 +55,10 @@ def test_the_bits_are_the_documented_function_whether_words_are_ints_or_tensors(
     assert splitmix.random_bits(offsets, seed, identity, step, domain).tolist() == wanted
     as_tensors = [torch.tensor(word) for word in (identity, step, domain)]
     assert splitmix.random_bits(offsets, seed, *as_tensors).tolist() == wanted
+    from_ints = splitmix.stream_keys(seed, identity, step, domain)
+    assert all(isinstance(word, int) for word in from_ints)  # the triton kernels take them as scalar arguments
     from_tensor = splitmix.stream_keys(seed, identity, torch.tensor(step), domain)
-    assert [int(word) for word in from_tensor] == list(splitmix.stream_keys(seed, identity, step, domain))
+    assert [int(word) for word in from_tensor] == list(from_ints)
 
 
 def test_the_bits_are_uniform_and_each_word_of_the_key_changes_them():

@@ -217,6 +217,29 @@ def the_compiled_backend_draws_the_triton_backends_bits(work):
                 assert_bit_identical(mine, wanted, (str(number_format), "batched"))
 
 
+@check
+def key_words_of_every_argument_width_give_the_torch_backends_bits(work):
+    """Key words reach the kernels as 32-bit arguments when they fit (signed,
+    or under the interpreter unsigned from 2^31) and as 64-bit ones
+    otherwise; each must draw what the torch operations draw. Real keys
+    fit 32 bits once in 2^32 roundings, so the words are chosen here."""
+    from swalp.quant import splitmix
+
+    triton_backend = backends.load_triton_backend(torch.device("cpu"))
+    x = torch.randn(40, 30)
+    derive = splitmix.stream_keys
+    try:
+        for words in ((0, 0), (-5, 7), (2 ** 31 - 1, -2 ** 31), (2 ** 31 + 5, 2 ** 32 - 1), (-2 ** 63, 2 ** 63 - 1)):
+            splitmix.stream_keys = lambda *key, words=words: words
+            for number_format in (formats.BlockFormat(8), formats.FixedFormat(8, 4)):
+                key = NoiseKey(seed=1, identity=0, step=0, domain=0)
+                assert_bit_identical(number_format.quantize(x, "stochastic", triton_backend, key),
+                                     number_format.quantize(x, "stochastic", backends.COMPILED_BACKEND, key),
+                                     (words, str(number_format)))
+    finally:
+        splitmix.stream_keys = derive
+
+
 # Top-level operations that allocate or make views, and launch nothing on a GPU.
 NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::split", "aten::split_with_sizes", "aten::view",
              "aten::reshape", "aten::contiguous"}

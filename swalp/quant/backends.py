@@ -103,7 +103,6 @@ COMPILED_BACKEND = TORCH_BACKEND._replace(name="compiled", counter_based=True, r
                                           step_tensor=True)
 
 
-
 class BackendUnavailable(RuntimeError):
     """A backend's kernels could not be compiled or loaded; the message says why."""
 

@@ -75,9 +75,10 @@ def _mix64(value):
 @triton.jit
 def _random_bits(offsets, noise_a, noise_b):
     """splitmix.random_bits: the high 32 bits of mix64(GAMMA * (index ^ a) ^ b), as int32 bits."""
-    # A key word that fits 32 bits arrives as an int32 argument: widen before reinterpreting.
-    state = (offsets.to(tl.uint64) ^ noise_a.to(tl.int64).to(tl.uint64, bitcast=True)) * 0x9E3779B97F4A7C15
-    bits = _mix64(state ^ noise_b.to(tl.int64).to(tl.uint64, bitcast=True)) >> 32
+    # A key word that fits 32 bits arrives as a 32-bit argument (signed on a GPU, unsigned
+    # under the interpreter when at least 2^31): converted, each keeps its 64-bit value.
+    state = (offsets.to(tl.uint64) ^ noise_a.to(tl.uint64)) * 0x9E3779B97F4A7C15
+    bits = _mix64(state ^ noise_b.to(tl.uint64)) >> 32
     return bits.to(tl.uint32).to(tl.int32, bitcast=True)
 
 
