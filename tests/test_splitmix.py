@@ -1,11 +1,11 @@
 """The counter-based noise (keyed SplitMix64): its arithmetic, its
 statistics, and that Inductor fuses it into the rounding around it."""
 
+import doctest
 import re
 
 import pytest
 import torch
-from torch._inductor import loop_body
 from torch._inductor.utils import run_and_get_code
 
 from swalp.quant import operators, specs, splitmix
@@ -38,6 +38,13 @@ def reference_bits(count, seed, identity, step, domain):
         state = unsigned_mix(state ^ ((word % (1 << 32)) * gamma & U64))
     a, b = state, unsigned_mix((state + gamma) & U64)
     return [unsigned_mix(((index ^ a) * gamma & U64) ^ b) >> 32 for index in range(count)]
+
+
+def test_the_docstring_examples_hold():
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder().find(splitmix, globs={**vars(splitmix)}):
+        runner.run(test)
+    assert runner.tries >= 3 and runner.failures == 0
 
 
 def test_mix64_is_splitmix64s_output_function_on_ints_and_tensors():
@@ -103,6 +110,7 @@ def largest_loop_body(monkeypatch, key_stored=True):
     """The most operations Inductor traces into one loop body (duplicates
     included: code generation goes through each) compiling a stochastic
     bfp8 rounding with a tensor step, as compiled training does."""
+    loop_body = pytest.importorskip("torch._inductor.loop_body")  # Inductor's internals (torch 2.14)
     bodies = []
     create = loop_body.LoopBody.__init__
 

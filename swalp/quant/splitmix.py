@@ -62,7 +62,12 @@ def _shifted(value, shift):
 
 def mix64(value):
     """SplitMix64's output function of a signed 64-bit word (int or int64
-    tensor), a bijection of the 64-bit words."""
+    tensor), a bijection of the 64-bit words. SplitMix64 seeded with
+    1234567 first outputs mix64(1234567 + GAMMA):
+
+    >>> hex(mix64(1234567 + GAMMA) & (2 ** 64 - 1))
+    '0x599ed017fb08fc85'
+    """
     value = _wrapped((value ^ _shifted(value, 30)) * MIX_A)
     value = _wrapped((value ^ _shifted(value, 27)) * MIX_B)
     return value ^ _shifted(value, 31)
@@ -124,6 +129,13 @@ operators.define("splitmix_bits(Tensor offsets, int seed, Tensor? identity, Tens
 def random_bits(offsets, seed, identity, step, domain):
     """The 32 random bits (int64 holding them) of each element of `offsets`
     (int64 element indices below 2^31) for key `seed` and words identity,
-    step, domain: ints, or int64 tensors with one element (0-dimensional)."""
+    step, domain: ints, or int64 tensors with one element (0-dimensional),
+    the same bits either way:
+
+    >>> random_bits(torch.arange(4), 1, 0, 0, 0)
+    tensor([3637463067,  104183616, 3131988170,  402856549])
+    >>> torch.equal(random_bits(torch.arange(4), 1, 0, torch.tensor(0), 0), random_bits(torch.arange(4), 1, 0, 0, 0))
+    True
+    """
     tensors, constants = operator_words(identity, step, domain)
     return torch.ops.swalp.splitmix_bits(offsets, seed & SEED_MASK, *tensors, constants)

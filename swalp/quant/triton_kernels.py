@@ -64,11 +64,16 @@ def compile_for(device, backend, number_formats=(), rounding="nearest"):
         round_many(tensors, number_format, rounding, key)
 
 
+# splitmix's constants as the unsigned 64-bit words Triton computes with.
+_GAMMA, _MIX_A, _MIX_B = (tl.constexpr(word & ((1 << 64) - 1)) for word in (splitmix.GAMMA, splitmix.MIX_A,
+                                                                              splitmix.MIX_B))
+
+
 @triton.jit
 def _mix64(value):
     """splitmix.mix64 on uint64, whose shifts are logical."""
-    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9
-    value = (value ^ (value >> 27)) * 0x94D049BB133111EB
+    value = (value ^ (value >> 30)) * _MIX_A
+    value = (value ^ (value >> 27)) * _MIX_B
     return value ^ (value >> 31)
 
 
@@ -77,7 +82,7 @@ def _random_bits(offsets, noise_a, noise_b):
     """splitmix.random_bits: the high 32 bits of mix64(GAMMA * (index ^ a) ^ b), as int32 bits."""
     # A key word that fits 32 bits arrives as a 32-bit argument (signed on a GPU, unsigned
     # under the interpreter when at least 2^31): converted, each keeps its 64-bit value.
-    state = (offsets.to(tl.uint64) ^ noise_a.to(tl.uint64)) * 0x9E3779B97F4A7C15
+    state = (offsets.to(tl.uint64) ^ noise_a.to(tl.uint64)) * _GAMMA
     bits = _mix64(state ^ noise_b.to(tl.uint64)) >> 32
     return bits.to(tl.uint32).to(tl.int32, bitcast=True)
 
