@@ -347,14 +347,15 @@ def test_only_the_torch_backend_computes_nvfp4():
 
 
 @pytest.mark.parametrize("spec", ["bfp8", "fixed8.6", "e4m3", "fp8e5m2", "mxfp8", "nvfp4"])
-def test_every_format_made_is_found_by_its_id_copies_and_unpickled_ones_too(spec):
-    """The compiled backend's batch operator takes its format by id."""
+def test_every_format_made_is_found_by_its_key_copies_and_unpickled_ones_too(spec):
+    """The compiled backend's batch operator takes its format by key."""
     parsed = specs.parse(spec)
     made = [parsed, copy.copy(parsed), copy.deepcopy(parsed), pickle.loads(pickle.dumps(parsed))]
     if isinstance(parsed, formats.BlockFormat):
         made.append(dataclasses.replace(parsed, small_block="FC"))
+        assert formats.key(made[-1]) != formats.key(parsed)
     for number_format in made:
-        assert formats.made(id(number_format)) is number_format
+        assert formats.made(formats.key(number_format)) == number_format
     assert made[1:4] == [parsed] * 3
     with pytest.raises(ValueError):
         formats.FixedFormat(99, 2)  # refused: checked before it is registered

@@ -89,9 +89,10 @@ def test_the_bits_are_uniform_and_each_word_of_the_key_changes_them():
 @pytest.mark.parametrize("spec", ["bfp8", "fixed8.6", "e4m3"])
 def test_compiled_stochastic_rounding_is_one_kernel_as_nearest_is(spec):
     """The reason for this generator: Inductor fuses the draw into the
-    rounding, one kernel with no buffer more than nearest rounding's
-    (Philox's ~124 operations per element it stored apart, in passes of
-    their own)."""
+    rounding, one kernel with no buffer more than nearest rounding's but
+    the two key words, scalars stored once (`splitmix._stored`); Philox's
+    ~124 operations per element it stored apart, in passes of their own.
+    e4m3 rounds twice (subnormal and normal) with the same bits: one draw."""
     number_format = specs.parse(spec)
     x = torch.randn(16, 8, 3, 3)
     key = NoiseKey(seed=1, identity=0, step=torch.tensor(3), domain=0)
@@ -102,8 +103,12 @@ def test_compiled_stochastic_rounding_is_one_kernel_as_nearest_is(spec):
                                  fullgraph=True)
         _, code = run_and_get_code(compiled, x)
         source = "\n".join(code)
-        generated[rounding] = (len(re.findall(r"cpp_fused_\w+ = ", source)), source.count("empty_strided_cpu("))
-    assert generated["stochastic"] == generated["nearest"] and generated["nearest"][0] == 1, generated
+        buffers = re.findall(r"empty_strided_cpu\((\([^)]*\))", source)
+        generated[rounding] = (len(re.findall(r"cpp_fused_\w+ = ", source)),
+                               sorted(shape for shape in buffers if shape != "()"), buffers.count("()"))
+    kernels, shapes, scalars = generated["nearest"]
+    assert kernels == 1 and scalars == 0, generated
+    assert generated["stochastic"] == (kernels, shapes, 2), generated
 
 
 def largest_loop_body(monkeypatch, key_stored=True):

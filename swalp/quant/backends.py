@@ -53,14 +53,14 @@ TORCH_BACKEND = Backend("torch", torch_kernels.block_quantize, torch_kernels.fix
                         mx=torch_kernels.mx_quantize, nvfp4=torch_kernels.nvfp4_quantize)
 
 
-def _rounded_batch(tensors, format_id, rounding, seed, identity, step, domain, constants):
+def _rounded_batch(tensors, format_key, rounding, seed, identity, step, domain, constants):
     """The round_batch operator: each tensor rounded (out of place) by the
-    torch kernels, in the format `formats.made(format_id)`, with the noise
+    torch kernels, in the format `formats.made(format_key)`, with the noise
     of key (seed, identity, step, domain; seed -1: no noise) over their
     concatenation (element j of tensor i at index j + the elements of the
     tensors before it), as the triton backend numbers a batch (words as
     `splitmix.operator_words` gives them)."""
-    number_format = formats.made(format_id)
+    number_format = formats.made(format_key)
     counts = [formats.draws(number_format, tensor) for tensor in tensors]
     if seed >= 0:
         words = splitmix.counter_words((identity, step, domain), constants)
@@ -75,7 +75,7 @@ def _rounded_batch(tensors, format_id, rounding, seed, identity, step, domain, c
     return rounded
 
 
-operators.define("round_batch(Tensor[] tensors, int format, str rounding, int seed, Tensor? identity, "
+operators.define("round_batch(Tensor[] tensors, str format, str rounding, int seed, Tensor? identity, "
                  "Tensor? step, Tensor? domain, int[3] constants) -> Tensor[]", _rounded_batch)
 
 
@@ -86,11 +86,11 @@ def _round_batch(tensors, number_format, rounding, key=None, out=None):
     a batch as one call instead of tracing each tensor's rounding (PreResNet20's
     weights and gradients: 1.9 s instead of 6.0 s on one thread), and
     AOTAutograd expands it for Inductor, one draw for the whole batch. The
-    format goes in by its id, so compiled code must not make it (none does:
-    quantizers hold theirs)."""
+    format goes in by its key (`formats.key`), the same in every process,
+    so that a compiled graph on disk serves the next run too."""
     words, constants = splitmix.operator_words(*((0, 0, 0) if key is None else (key.identity, key.step, key.domain)))
-    rounded = torch.ops.swalp.round_batch(list(tensors), id(number_format), rounding,
-                                          -1 if key is None else key.seed & splitmix.SEED_MASK, *words, constants)
+    rounded = operators.call("round_batch", list(tensors), formats.key(number_format), rounding,
+                             -1 if key is None else key.seed & splitmix.SEED_MASK, *words, constants)
     # One foreach copy, not a copy_ per tensor: on some batches (a nonzero
     # stream, or a draw fused into each tensor's rounding) Inductor's C++
     # generator (torch 2.14) fails on those copies into graph inputs (a

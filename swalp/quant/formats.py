@@ -30,15 +30,22 @@ def row_blocks_numel(x, k):
     return count * (length + (-length % k))
 
 
-# Every number format made, by id (each kept alive here, so that ids stay
-# unique): an operator's arguments are tensors and numbers, and compiled
-# code passes a format to one by its id (see backends._round_batch).
+# Every number format made, by its key: an operator's arguments are tensors,
+# numbers and strings, and compiled code passes a format to one by its key
+# (see backends._round_batch).
 _MADE = {}
 
 
-def made(format_id):
-    """The number format whose id is `format_id`."""
-    return _MADE[format_id]
+def key(number_format):
+    """What names `number_format` to an operator: its class and fields,
+    the same in every process, as a compiled graph cached on disk needs
+    (written when it is made: Dynamo cannot trace a dataclass's repr)."""
+    return number_format._key
+
+
+def made(format_key):
+    """The number format (one equal to each made) whose key is `format_key`."""
+    return _MADE[format_key]
 
 
 def _registered(cls):
@@ -51,7 +58,8 @@ def _registered(cls):
     def __post_init__(self):
         if check is not None:
             check(self)
-        _MADE[id(self)] = self
+        object.__setattr__(self, "_key", f"{type(self).__module__}.{self!r}")
+        _MADE[self._key] = self
 
     def __reduce__(self):
         return cls, tuple(getattr(self, field.name) for field in fields(self))

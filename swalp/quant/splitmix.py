@@ -138,4 +138,4 @@ def random_bits(offsets, seed, identity, step, domain):
     True
     """
     tensors, constants = operator_words(identity, step, domain)
-    return torch.ops.swalp.splitmix_bits(offsets, seed & SEED_MASK, *tensors, constants)
+    return operators.call("splitmix_bits", offsets, seed & SEED_MASK, *tensors, constants)

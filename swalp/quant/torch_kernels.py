@@ -260,6 +260,9 @@ def float_quantize(x, exp, man, rounding="stochastic", generator=None):
     exponent = ((bits >> 23) & 0xFF) - 127
     min_exponent = -((1 << (exp - 1)) - 2)
     subnormal = exponent < min_exponent
+    if rounding == "stochastic" and isinstance(generator, NoiseKey) and generator.words is None:
+        # Each element keeps one of the two roundings below, both with its bits: drawn once.
+        generator = generator._replace(words=_counter_bits(x.numel(), x.device, generator))
 
     # Subnormals of the format: shift to its smallest normal exponent, round there.
     shift = _float(((127 + min_exponent) << 23) | (bits & SIGN_BIT))

@@ -1,0 +1,65 @@
+"""This package's torch operators and torch's compile caches on disk, which
+every process shares: a graph cached by one version of the package, or for
+one number format, is never served for another."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runs import ROOT
+from swalp.quant import formats, operators, specs, splitmix
+from swalp.quant.backends import COMPILED_BACKEND
+from swalp.quant.noise import NoiseKey
+
+BFP8 = specs.parse("bfp8")
+
+
+def draw(offsets):
+    return splitmix.random_bits(offsets, 1, 0, 0, 0)
+
+
+def round_batch(offsets):
+    """A batch's rounding: a round_batch call, the draw inside its expansion."""
+    tensors = [offsets.float() / 7]
+    COMPILED_BACKEND.round_many(tensors, BFP8, "stochastic", NoiseKey(seed=1, identity=0, step=0, domain=0))
+    return tensors[0]
+
+
+@pytest.mark.parametrize("function", [draw, round_batch])
+def test_code_cached_for_other_sources_is_not_served(function, tmp_path, monkeypatch):
+    """The next version of this package (simulated: another draw, another
+    digest of its sources) compiles its own code. On torch 2.14, without
+    the digest in each call, the second compilation below is served the
+    first one's code from AOTAutograd's cache (pytorch/pytorch#144344)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    offsets = torch.arange(256)
+
+    def compiled():
+        torch._dynamo.reset()
+        return torch.compile(function, fullgraph=True, backend="inductor")(offsets)
+
+    assert torch.equal(compiled(), function(offsets))
+    monkeypatch.setattr(splitmix, "_bits", lambda offsets, a, b: (offsets * 40503) & 0xFFFFFFFF)
+    monkeypatch.setattr(operators, "SOURCES", operators.SOURCES ^ 1)
+    assert torch.equal(compiled(), function(offsets))
+
+
+def test_operator_calls_carry_the_digest_of_the_sources():
+    graph = torch.fx.symbolic_trace(lambda offsets: operators.call("splitmix_bits", offsets, 1, None, None, None,
+                                                                   [0, 0, 0]))
+    (call,) = [node for node in graph.graph.nodes if node.op == "call_function"]
+    assert call.args[-1] == operators.SOURCES == operators._digest()
+    assert 0 <= operators.SOURCES < 2 ** 63
+
+
+def test_a_format_has_the_same_key_in_every_process():
+    """Keys go into cached graphs: an address (an id) would differ between
+    runs, and could name another format in a later one."""
+    specs_here = ["bfp8", "fixed8.6", "mxfp8", "nvfp4"]
+    script = ("from swalp.quant import formats, specs; "
+              f"print('|'.join(formats.key(specs.parse(spec)) for spec in {specs_here!r}))")
+    there = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    keys = [formats.key(specs.parse(spec)) for spec in specs_here]
+    assert there.stdout.strip().split("|") == keys and len(set(keys)) == len(keys)
