@@ -5,7 +5,9 @@
     activations, gradients, errors, momentum in bfp8, stochastic rounding),
     eager (the torch backend) and compiled (`--compile`: the network's
     forward and backward and the optimizer's rounding under torch.compile,
-    Inductor), with the seconds the first step took while compiling.
+    Inductor), with the seconds the first step took while compiling, and
+    compiled, the first step of a second run (a new process, the compiler's
+    cache on disk warm: what a resumed run waits).
 (b) 8-bit stochastic block rounding of a 128x64x32x32 tensor, compiled and
     eager, against a copy of it (ms per call): `clone()`, as the speed
     reference measures it, and into a tensor allocated before; and compiled
@@ -17,12 +19,17 @@ step, compiled rounding within 1.5x of a copy. Prints tables and writes JSON:
 
     python -m benchmarks.compiled [--device cpu|cuda] [--batch-size 128] [--steps 5] [--sections steps rounding]
         [--json PATH]
+
+Run it with an empty cache (TORCHINDUCTOR_CACHE_DIR=a new folder) for the
+first steps' compile times.
 """
 
 import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import tabulate
@@ -63,14 +70,25 @@ def training_step(spec, compiled, device, batch_size):
     return step
 
 
-def step_row(spec, compiled, device, batch_size, steps):
+def first_step_seconds(spec, compiled, device, batch_size):
+    """The training step and the seconds its first call took (compiling, when compiled)."""
     step = training_step(spec, compiled, device, batch_size)
     began = time.perf_counter()
-    step()  # compiles, when compiled
+    step()
     synchronize(device)
-    first = time.perf_counter() - began
-    return {"precision": spec or "fp32", "mode": "compiled" if compiled else "eager",
-            "seconds_per_step": median_seconds(step, device, steps), "first_step_seconds": first}
+    return step, time.perf_counter() - began
+
+
+def step_row(spec, compiled, device, batch_size, steps):
+    step, first = first_step_seconds(spec, compiled, device, batch_size)
+    row = {"precision": spec or "fp32", "mode": "compiled" if compiled else "eager",
+           "seconds_per_step": median_seconds(step, device, steps), "first_step_seconds": first}
+    if compiled:  # a second run, in a process of its own, as a resumed run is
+        second_run = subprocess.run([sys.executable, "-m", "benchmarks.compiled", "--first-step-of", spec or "fp32",
+                                     "--device", str(device), "--batch-size", str(batch_size)],
+                                    check=True, capture_output=True, text=True)
+        row["second_run_first_step_seconds"] = float(second_run.stdout.split()[-1])
+    return row
 
 
 def rounding_rows(device, repeats):
@@ -117,8 +135,14 @@ def main():
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="steps: (a), rounding: (b)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "compiled.json"))
+    parser.add_argument("--first-step-of", metavar="SPEC",
+                        help="print only the seconds of the first compiled step in SPEC (fp32: full precision)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.first_step_of:
+        spec = None if args.first_step_of == "fp32" else args.first_step_of
+        print(first_step_seconds(spec, True, device, args.batch_size)[1])
+        return
     print(f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}")
     report = {"device": str(device), "batch_size": args.batch_size, "torch": torch.__version__}

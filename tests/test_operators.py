@@ -7,7 +7,9 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+import swalp
 from runs import ROOT
 from swalp.quant import formats, operators, specs, splitmix
 from swalp.quant.backends import COMPILED_BACKEND
@@ -63,3 +65,22 @@ def test_a_format_has_the_same_key_in_every_process():
     there = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     keys = [formats.key(specs.parse(spec)) for spec in specs_here]
     assert there.stdout.strip().split("|") == keys and len(set(keys)) == len(keys)
+
+
+def test_the_optimizer_rounding_graphs_are_written_to_the_cache_and_served_again(tmp_path, monkeypatch):
+    """They run without gradients: with the parameters requiring them,
+    AOTAutograd would compile training graphs, written to disk only once a
+    backward compiles, which never comes, so every run (a resumed one too)
+    traced and partitioned them again."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    kinds = dict.fromkeys(("weight", "grad", "momentum"), "bfp8")  # no accumulator: the weights themselves
+    for run in range(2):  # as two runs of the same script would
+        torch._dynamo.reset()
+        counters.clear()
+        net = torch.nn.Linear(8, 4)
+        sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        optimizer = swalp.wrap_optimizer(sgd, **kinds, backend=COMPILED_BACKEND, noise=swalp.StepNoise(0))
+        net(torch.randn(2, 8)).sum().backward()
+        optimizer.step()
+        cache = counters["aot_autograd"]
+        assert cache["autograd_cache_saved" if run == 0 else "autograd_cache_hit"] == 2, (run, cache)

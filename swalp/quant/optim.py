@@ -134,11 +134,15 @@ class SeededOptimLP:
 
 def compile_rounding(function, compiler="inductor"):
     """`function` under torch.compile (one whole graph, static shapes) with
-    the torch.compile backend `compiler`."""
+    the torch.compile backend `compiler`, without gradients: rounding is
+    never differentiated, and a graph of parameters (which require
+    gradients) with them would be compiled for training, its forward
+    and backward partitioned, and never written to the compile cache on
+    disk (AOTAutograd writes a training graph once its backward compiles)."""
     compiled = torch.compile(function, fullgraph=True, dynamic=False, backend=compiler)
 
     def call(*args):
-        with _small_cpu_kernels() if compiler == "inductor" else contextlib.nullcontext():
+        with torch.no_grad(), _small_cpu_kernels() if compiler == "inductor" else contextlib.nullcontext():
             return compiled(*args)
 
     return call
