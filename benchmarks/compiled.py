@@ -87,7 +87,7 @@ def step_row(spec, compiled, device, batch_size, steps):
         second_run = subprocess.run([sys.executable, "-m", "benchmarks.compiled", "--first-step-of", spec or "fp32",
                                      "--device", str(device), "--batch-size", str(batch_size)],
                                     check=True, capture_output=True, text=True)
-        row["second_run_first_step_seconds"] = float(second_run.stdout.split()[-1])
+        row["second_run_first_step_seconds"] = json.loads(second_run.stdout.splitlines()[-1])["first_step_seconds"]
     return row
 
 
@@ -136,12 +136,13 @@ def main():
                         help="steps: (a), rounding: (b)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "compiled.json"))
     parser.add_argument("--first-step-of", metavar="SPEC",
-                        help="print only the seconds of the first compiled step in SPEC (fp32: full precision)")
+                        help="(for its own second runs) print only the seconds of the first compiled step in SPEC "
+                             "(fp32: full precision), as JSON")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.first_step_of:
         spec = None if args.first_step_of == "fp32" else args.first_step_of
-        print(first_step_seconds(spec, True, device, args.batch_size)[1])
+        print(json.dumps({"first_step_seconds": first_step_seconds(spec, True, device, args.batch_size)[1]}))
         return
     print(f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}")

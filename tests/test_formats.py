@@ -359,3 +359,16 @@ def test_every_format_made_is_found_by_its_key_copies_and_unpickled_ones_too(spe
     assert made[1:4] == [parsed] * 3
     with pytest.raises(ValueError):
         formats.FixedFormat(99, 2)  # refused: checked before it is registered
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnBlockFormat(formats.BlockFormat):
+    """A format class of one's own, as a user would derive it."""
+
+
+def test_a_format_of_ones_own_class_keeps_its_class_and_key_when_copied_or_unpickled():
+    own = OwnBlockFormat(8)
+    for copied in (copy.copy(own), copy.deepcopy(own), pickle.loads(pickle.dumps(own))):
+        assert type(copied) is OwnBlockFormat and formats.key(copied) == formats.key(own)
+    assert formats.key(own) != formats.key(formats.BlockFormat(8))
+    assert formats.made(formats.key(own)) == own

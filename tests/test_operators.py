@@ -2,6 +2,8 @@
 every process shares: a graph cached by one version of the package, or for
 one number format, is never served for another."""
 
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -40,20 +42,40 @@ def test_code_cached_for_other_sources_is_not_served(function, tmp_path, monkeyp
 
     def compiled():
         torch._dynamo.reset()
+        counters.clear()
         return torch.compile(function, fullgraph=True, backend="inductor")(offsets)
 
     assert torch.equal(compiled(), function(offsets))
+    assert counters["aot_autograd"]["autograd_cache_saved"] == 1  # the cache is on: the test means something
     monkeypatch.setattr(splitmix, "_bits", lambda offsets, a, b: (offsets * 40503) & 0xFFFFFFFF)
     monkeypatch.setattr(operators, "SOURCES", operators.SOURCES ^ 1)
     assert torch.equal(compiled(), function(offsets))
+    assert counters["aot_autograd"]["autograd_cache_miss"] == 1 and not counters["aot_autograd"]["autograd_cache_hit"]
 
 
-def test_operator_calls_carry_the_digest_of_the_sources():
-    graph = torch.fx.symbolic_trace(lambda offsets: operators.call("splitmix_bits", offsets, 1, None, None, None,
-                                                                   [0, 0, 0]))
-    (call,) = [node for node in graph.graph.nodes if node.op == "call_function"]
-    assert call.args[-1] == operators.SOURCES == operators._digest()
+@pytest.mark.parametrize("function", [draw, round_batch])
+def test_the_digest_is_a_constant_of_the_graph_dynamo_captures(function):
+    """What AOTAutograd's cache key is computed from."""
+    captured = []
+
+    def capture(graph, example_inputs):
+        captured.append(graph.code)
+        return graph.forward
+
+    torch._dynamo.reset()
+    torch.compile(function, fullgraph=True, backend=capture)(torch.arange(8))
+    assert len(captured) == 1 and str(operators.SOURCES) in captured[0]
+
+
+def test_the_digest_is_of_the_sources_and_changes_with_any_of_them(tmp_path):
+    assert operators.SOURCES == operators._digest(pathlib.Path(splitmix.__file__).parent)
     assert 0 <= operators.SOURCES < 2 ** 63
+    copied = tmp_path / "quant"
+    shutil.copytree(pathlib.Path(splitmix.__file__).parent, copied, ignore=shutil.ignore_patterns("__pycache__"))
+    assert operators._digest(copied) == operators.SOURCES
+    kernels = copied / "torch_kernels.py"
+    kernels.write_bytes(kernels.read_bytes() + b"\n")
+    assert operators._digest(copied) != operators.SOURCES
 
 
 def test_a_format_has_the_same_key_in_every_process():

@@ -43,8 +43,13 @@ def key(number_format):
     return number_format._key
 
 
+def _key_of(number_format):
+    named = tuple((field.name, getattr(number_format, field.name)) for field in fields(number_format))
+    return f"{type(number_format).__module__}.{type(number_format).__qualname__}{named!r}"
+
+
 def made(format_key):
-    """The number format (one equal to each made) whose key is `format_key`."""
+    """The last format made with key `format_key` (all such are equal)."""
     return _MADE[format_key]
 
 
@@ -58,11 +63,11 @@ def _registered(cls):
     def __post_init__(self):
         if check is not None:
             check(self)
-        object.__setattr__(self, "_key", f"{type(self).__module__}.{self!r}")
+        object.__setattr__(self, "_key", _key_of(self))
         _MADE[self._key] = self
 
     def __reduce__(self):
-        return cls, tuple(getattr(self, field.name) for field in fields(self))
+        return type(self), tuple(getattr(self, field.name) for field in fields(self))
 
     cls.__post_init__, cls.__reduce__ = __post_init__, __reduce__
     return cls

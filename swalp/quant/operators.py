@@ -25,11 +25,11 @@ import torch
 _LIBRARY = torch.library.Library("swalp", "FRAGMENT")
 
 
-def _digest():
-    """The 63-bit digest of every module of swalp.quant (names and bytes)."""
+def _digest(folder=pathlib.Path(__file__).parent):
+    """The 63-bit digest of every module under `folder` (default swalp.quant): paths and bytes."""
     digest = hashlib.sha256()
-    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
     return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
@@ -43,6 +43,7 @@ def define(schema, implementation):
     definition (the module that defines it imported twice) is skipped."""
     name, _, rest = schema.partition("(")
     arguments, _, results = rest.partition(") ->")
+    assert arguments and results, f"schema {schema!r} is not 'name(arguments) -> results'"
     if hasattr(torch.ops.swalp, name):
         return
 
