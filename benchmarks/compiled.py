@@ -70,8 +70,8 @@ def training_step(spec, compiled, device, batch_size):
     return step
 
 
-def first_step_seconds(spec, compiled, device, batch_size):
-    """The training step and the seconds its first call took (compiling, when compiled)."""
+def started_step(spec, compiled, device, batch_size):
+    """The training step, called once, and the seconds that first call took (compiling, when compiled)."""
     step = training_step(spec, compiled, device, batch_size)
     began = time.perf_counter()
     step()
@@ -80,7 +80,7 @@ def first_step_seconds(spec, compiled, device, batch_size):
 
 
 def step_row(spec, compiled, device, batch_size, steps):
-    step, first = first_step_seconds(spec, compiled, device, batch_size)
+    step, first = started_step(spec, compiled, device, batch_size)
     row = {"precision": spec or "fp32", "mode": "compiled" if compiled else "eager",
            "seconds_per_step": median_seconds(step, device, steps), "first_step_seconds": first}
     if compiled:  # a second run, in a process of its own, as a resumed run is
@@ -126,7 +126,7 @@ def rounding_rows(device, repeats):
     return rows, compile_seconds
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -138,11 +138,11 @@ def main():
     parser.add_argument("--first-step-of", metavar="SPEC",
                         help="(for its own second runs) print only the seconds of the first compiled step in SPEC "
                              "(fp32: full precision), as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.first_step_of:
         spec = None if args.first_step_of == "fp32" else args.first_step_of
-        print(json.dumps({"first_step_seconds": first_step_seconds(spec, True, device, args.batch_size)[1]}))
+        print(json.dumps({"first_step_seconds": started_step(spec, True, device, args.batch_size)[1]}))
         return
     print(f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}")
